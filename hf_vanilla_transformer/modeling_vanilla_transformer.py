@@ -1,0 +1,757 @@
+"""The Transformer of "Attention Is All You Need" (Vaswani et al., 2017) as a transformers model.
+
+Read it beside the paper: the file runs bottom-up in the paper's sections, §3.5 positions, §3.4 embeddings,
+§3.2.1 attention, §3.2.2 heads, §3.3 feed-forward, §3.1 layers and stacks, §3.4 output projection.
+
+Axes used in shape comments: B batch, S source length, T target length (new tokens only when decoding with a
+cache), P past target length held in the cache, D d_model, H heads, Dh = D / H (d_k = d_v), V vocabulary.
+
+This file imports only transformers, torch and its sibling configuration file (by a relative import), so that
+`save_pretrained` can copy both files next to the weights and `trust_remote_code=True` loads them anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput, Seq2SeqModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .configuration_vanilla_transformer import VanillaTransformerConfig
+
+
+def shift_tokens_right(input_ids: torch.Tensor, pad_token_id: int, decoder_start_token_id: int) -> torch.Tensor:
+    """Teacher forcing (§3): the decoder sees the target shifted right by one, starting from the start token.
+
+    Label positions set to -100 (ignored by the loss) become padding.
+    """
+    shifted = input_ids.new_empty(input_ids.shape)
+    shifted[:, 1:] = input_ids[:, :-1]
+    shifted[:, 0] = decoder_start_token_id
+    return shifted.masked_fill(shifted == -100, pad_token_id)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# §3.5 Positional encoding
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def sinusoidal_table(num_positions: int, dim: int, offset: int = 0) -> torch.Tensor:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d)), for pos in [offset, offset+n).
+
+    Sines and cosines interleave as the formula has them (Marian and fairseq put all sines first instead).
+    Returns a float32 tensor of shape (num_positions, dim).
+    """
+    position = torch.arange(offset, offset + num_positions, dtype=torch.float32).unsqueeze(1)  # (n, 1)
+    inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))  # (ceil(d/2),)
+    angles = position * inv_freq  # (n, ceil(d/2))
+    table = torch.zeros(num_positions, dim)
+    table[:, 0::2] = torch.sin(angles)
+    table[:, 1::2] = torch.cos(angles[:, : dim // 2])
+    return table
+
+
+class VanillaTransformerSinusoidalPositionalEncoding(nn.Module):
+    """Fixed sinusoids (§3.5): no parameters, not saved in checkpoints, any length.
+
+    The first `max_position_embeddings` rows are precomputed in a non-persistent buffer; longer inputs get their
+    rows computed on the fly, so there is no hard cap on length (the reason §3.5 gives for choosing sinusoids).
+    """
+
+    def __init__(self, num_positions: int, dim: int) -> None:
+        super().__init__()
+        self.num_positions = num_positions
+        self.dim = dim
+        self.register_buffer("pe", sinusoidal_table(num_positions, dim), persistent=False)
+
+    def forward(self, seq_len: int, past_length: int = 0) -> torch.Tensor:
+        """Encodings of positions [past_length, past_length + seq_len): shape (seq_len, D)."""
+        end = past_length + seq_len
+        if end <= self.num_positions:
+            return self.pe[past_length:end]
+        return sinusoidal_table(seq_len, self.dim, offset=past_length).to(self.pe.device)
+
+
+class VanillaTransformerLearnedPositionalEmbedding(nn.Embedding):
+    """Learned positions, the paper's Table 3 row (E) variant. Refuses positions it has no row for."""
+
+    def forward(self, seq_len: int, past_length: int = 0) -> torch.Tensor:  # type: ignore[override]
+        end = past_length + seq_len
+        if end > self.num_embeddings:
+            raise ValueError(
+                f"Sequence of length {end} is longer than the {self.num_embeddings} learned positions "
+                "(`max_position_embeddings`); truncate the input or use position_embedding_type='sinusoidal'."
+            )
+        return self.weight[past_length:end]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# §3.2.1 Scaled dot-product attention
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def scaled_dot_product_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V, the "eager" implementation.
+
+    query (B, H, Tq, Dh), key and value (B, H, Tk, Dh). `attention_mask` is None, an additive float mask (0 to
+    attend, the dtype's minimum to block) or a boolean mask (True to attend), broadcastable to (B, H, Tq, Tk).
+    Returns the output as (B, Tq, H, Dh), the layout transformers' other attention functions return, and the
+    attention weights (B, H, Tq, Tk).
+    """
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, H, Tq, Tk)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            # Clamp so that score + min cannot overflow to -inf in fp16, which would make a fully masked row NaN.
+            scores = (scores + attention_mask).clamp(min=torch.finfo(scores.dtype).min)
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value)  # (B, H, Tq, Dh)
+    return output.transpose(1, 2).contiguous(), weights
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# §3.2.2 Multi-head attention
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class VanillaTransformerAttention(nn.Module):
+    """MultiHead(Q, K, V) = Concat(head_1..head_h) W^O, head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V).
+
+    One class serves the three uses of §3.2.3: encoder self-attention, masked decoder self-attention
+    (`is_causal=True`) and encoder-decoder attention (`is_cross=True`: queries from the decoder, keys and values
+    from the encoder output). The h per-head projections are stored as one D x D matrix each, as is standard.
+    """
+
+    def __init__(
+        self, config: VanillaTransformerConfig, num_heads: int, is_causal: bool, is_cross: bool, layer_idx: int
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.num_heads = num_heads
+        self.head_dim = config.d_model // num_heads
+        self.scaling = self.head_dim**-0.5  # the 1/sqrt(d_k) of §3.2.1
+        self.is_causal = is_causal  # read by the sdpa backend when no mask is materialised
+        self.is_cross = is_cross
+        self.layer_idx = layer_idx
+        self.dropout = config.attention_dropout
+        self.q_proj = nn.Linear(config.d_model, config.d_model)
+        self.k_proj = nn.Linear(config.d_model, config.d_model)
+        self.v_proj = nn.Linear(config.d_model, config.d_model)
+        self.out_proj = nn.Linear(config.d_model, config.d_model)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(*x.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)  # (B, L, D) -> (B, H, L, Dh)
+
+    def _keys_values(
+        self, key_value_states: torch.Tensor, past_key_values: EncoderDecoderCache | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values, through the cache: self-attention appends the new step; cross-attention projects the
+        encoder output once per sequence and reuses it for every later step."""
+        cache = None
+        if past_key_values is not None:
+            cache = past_key_values.cross_attention_cache if self.is_cross else past_key_values.self_attention_cache
+            if self.is_cross and past_key_values.is_updated.get(self.layer_idx):
+                layer = cache.layers[self.layer_idx]
+                return layer.keys, layer.values
+        key = self._split_heads(self.k_proj(key_value_states))  # (B, Tk, D) -> (B, H, Tk, Dh)
+        value = self._split_heads(self.v_proj(key_value_states))
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)  # self-attention: (B, H, P + T, Dh)
+            if self.is_cross:
+                past_key_values.is_updated[self.layer_idx] = True
+        return key, value
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key_value_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: EncoderDecoderCache | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states (B, Tq, D) give the queries; key_value_states (B, Tk, D), the encoder output, give keys
+        and values for cross-attention. Returns (B, Tq, D) and, with `output_attentions`, (B, H, Tq, Tk)."""
+        query = self._split_heads(self.q_proj(hidden_states))  # (B, H, Tq, Dh)
+        source = key_value_states if self.is_cross else hidden_states
+        key, value = self._keys_values(source, past_key_values)
+        attention_fn: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, scaled_dot_product_attention
+        )
+        output, weights = attention_fn(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.dropout if self.training else 0.0,
+            scaling=self.scaling,
+        )
+        output = self.out_proj(output.reshape(*hidden_states.shape[:-1], -1))  # Concat(heads) W^O: (B, Tq, D)
+        return output, (weights if output_attentions else None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# §3.3 Position-wise feed-forward network
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class VanillaTransformerFeedForward(nn.Module):
+    """FFN(x) = max(0, x W_1 + b_1) W_2 + b_2, applied to each position alone (D -> d_ff -> D)."""
+
+    def __init__(self, config: VanillaTransformerConfig, ffn_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.d_model, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, config.d_model)
+        self.activation_fn = ACT2FN[config.activation_function]
+        self.activation_dropout = config.activation_dropout
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.activation_fn(self.fc1(hidden_states))
+        hidden_states = F.dropout(hidden_states, p=self.activation_dropout, training=self.training)
+        return self.fc2(hidden_states)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# §3.1 Encoder and decoder layers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class VanillaTransformerSublayer(nn.Module):
+    """The residual connection around each sub-layer, followed by layer normalisation (§3.1, §5.4):
+
+    post-LN (the paper): LayerNorm(x + Dropout(Sublayer(x)))
+    pre-LN (`normalize_before`, a deviation): x + Dropout(Sublayer(LayerNorm(x)))
+    """
+
+    def __init__(self, config: VanillaTransformerConfig) -> None:
+        super().__init__()
+        self.normalize_before = config.normalize_before
+        self.dropout = config.dropout
+        self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        if self.normalize_before:
+            return x + F.dropout(sublayer(self.layer_norm(x)), p=self.dropout, training=self.training)
+        return self.layer_norm(x + F.dropout(sublayer(x), p=self.dropout, training=self.training))
+
+
+class VanillaTransformerEncoderLayer(GradientCheckpointingLayer):
+    """Self-attention, then the feed-forward network, each inside a residual sub-layer (Figure 1, left)."""
+
+    def __init__(self, config: VanillaTransformerConfig, layer_idx: int) -> None:
+        super().__init__()
+        heads = config.encoder_attention_heads
+        self.self_attn = VanillaTransformerAttention(
+            config, heads, is_causal=False, is_cross=False, layer_idx=layer_idx
+        )
+        self.self_attn_block = VanillaTransformerSublayer(config)
+        self.ffn = VanillaTransformerFeedForward(config, config.encoder_ffn_dim)
+        self.ffn_block = VanillaTransformerSublayer(config)
+
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weights = None
+
+        def self_attention(x: torch.Tensor) -> torch.Tensor:
+            nonlocal weights
+            out, weights = self.self_attn(x, attention_mask=attention_mask, output_attentions=output_attentions)
+            return out
+
+        hidden_states = self.self_attn_block(hidden_states, self_attention)
+        hidden_states = self.ffn_block(hidden_states, self.ffn)
+        return hidden_states, weights
+
+
+class VanillaTransformerDecoderLayer(GradientCheckpointingLayer):
+    """Masked self-attention, encoder-decoder attention, then the feed-forward network (Figure 1, right)."""
+
+    def __init__(self, config: VanillaTransformerConfig, layer_idx: int) -> None:
+        super().__init__()
+        heads = config.decoder_attention_heads
+        self.self_attn = VanillaTransformerAttention(config, heads, is_causal=True, is_cross=False, layer_idx=layer_idx)
+        self.self_attn_block = VanillaTransformerSublayer(config)
+        self.encoder_attn = VanillaTransformerAttention(
+            config, heads, is_causal=False, is_cross=True, layer_idx=layer_idx
+        )
+        self.encoder_attn_block = VanillaTransformerSublayer(config)
+        self.ffn = VanillaTransformerFeedForward(config, config.decoder_ffn_dim)
+        self.ffn_block = VanillaTransformerSublayer(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+        past_key_values: EncoderDecoderCache | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        self_weights = cross_weights = None
+
+        def self_attention(x: torch.Tensor) -> torch.Tensor:
+            nonlocal self_weights
+            out, self_weights = self.self_attn(
+                x, attention_mask=attention_mask, past_key_values=past_key_values, output_attentions=output_attentions
+            )
+            return out
+
+        def cross_attention(x: torch.Tensor) -> torch.Tensor:
+            nonlocal cross_weights
+            out, cross_weights = self.encoder_attn(
+                x,
+                key_value_states=encoder_hidden_states,
+                attention_mask=encoder_attention_mask,
+                past_key_values=past_key_values,
+                output_attentions=output_attentions,
+            )
+            return out
+
+        hidden_states = self.self_attn_block(hidden_states, self_attention)
+        hidden_states = self.encoder_attn_block(hidden_states, cross_attention)
+        hidden_states = self.ffn_block(hidden_states, self.ffn)
+        return hidden_states, self_weights, cross_weights
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weights, initialisation and input checks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class VanillaTransformerPreTrainedModel(PreTrainedModel):
+    """Initialisation, tying and the capabilities transformers reads off the class.
+
+    Initialisation (the paper states none; this is fairseq's and tensor2tensor's, which suits post-LN): every
+    Linear is Xavier-uniform with zero bias; token and learned position embeddings are N(0, d_model^-0.5) (or
+    `init_std`), so that the sqrt(d_model) scaling of §3.4 brings them to unit size, with the padding row zero;
+    LayerNorms start as the identity.
+    """
+
+    config_class = VanillaTransformerConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["VanillaTransformerEncoderLayer", "VanillaTransformerDecoderLayer"]
+    # Loss is a mean over target tokens; tell Trainer not to expect `num_items_in_batch` (see notes: with **kwargs
+    # it would otherwise skip dividing by gradient-accumulation steps).
+    accepts_loss_kwargs = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.init_std or self.config.d_model**-0.5
+        if isinstance(module, nn.Linear):
+            init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, VanillaTransformerSinusoidalPositionalEncoding):
+            # from_pretrained builds on the meta device and leaves non-persistent buffers empty: refill it here.
+            init.copy_(module.pe, sinusoidal_table(module.num_positions, module.dim))
+
+
+def _check_token_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
+    """Out-of-range ids would index past the embedding table. On CPU that is a cryptic IndexError; on CUDA a
+    device-side assert. Checking needs a reduction and, on an accelerator, a host sync per step, so it runs on
+    CPU only; accelerators keep torch's own device assert."""
+    if ids.device.type != "cpu" or ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"`{name}` holds token id {bad}, outside the vocabulary [0, {vocab_size}).")
+
+
+def _check_mask(name: str, mask: torch.Tensor | None, batch_size: int, length: int) -> None:
+    if mask is not None and tuple(mask.shape) != (batch_size, length):
+        raise ValueError(
+            f"`{name}` has shape {tuple(mask.shape)}, expected (batch, length) = ({batch_size}, {length})."
+        )
+
+
+def _batch_and_length(ids: torch.Tensor | None, embeds: torch.Tensor | None, name: str) -> tuple[int, int]:
+    if (ids is None) == (embeds is None):
+        raise ValueError(f"Pass exactly one of `{name}` and `{name.replace('input_ids', 'inputs_embeds')}`.")
+    tensor = ids if ids is not None else embeds
+    expected_dim = 2 if ids is not None else 3
+    if tensor.dim() != expected_dim:
+        which = name if ids is not None else name.replace("input_ids", "inputs_embeds")
+        raise ValueError(f"`{which}` must have {expected_dim} dimensions, got shape {tuple(tensor.shape)}.")
+    return tensor.shape[0], tensor.shape[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# §3.1 The stacks, with §3.4 embeddings and §3.5 positions at their inputs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class VanillaTransformerStack(nn.Module):
+    """What the encoder and decoder stacks share: N layers, and at their input the token embedding times
+    sqrt(d_model) (§3.4) plus the positional encoding (§3.5), followed by dropout (§5.4)."""
+
+    def __init__(self, config: VanillaTransformerConfig, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model, padding_idx=config.pad_token_id)
+        self.embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
+        if config.position_embedding_type == "learned":
+            self.embed_positions = VanillaTransformerLearnedPositionalEmbedding(
+                config.max_position_embeddings, config.d_model
+            )
+        else:
+            self.embed_positions = VanillaTransformerSinusoidalPositionalEncoding(
+                config.max_position_embeddings, config.d_model
+            )
+        self.layers = nn.ModuleList(layers)
+        # Pre-LN leaves the last residual sum unnormalised; post-LN ends in a LayerNorm already.
+        self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps) if config.normalize_before else None
+
+    def embed(
+        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, past_length: int = 0
+    ) -> torch.Tensor:
+        if inputs_embeds is None:
+            _check_token_ids("input_ids", input_ids, self.config.vocab_size)
+            inputs_embeds = self.embed_tokens(input_ids)  # (B, L) -> (B, L, D)
+        positions = self.embed_positions(inputs_embeds.shape[1], past_length)  # (L, D)
+        hidden_states = inputs_embeds * self.embed_scale + positions.to(inputs_embeds.dtype)
+        return F.dropout(hidden_states, p=self.config.dropout, training=self.training)
+
+    def final_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.layer_norm(hidden_states) if self.layer_norm is not None else hidden_states
+
+
+class VanillaTransformerEncoder(VanillaTransformerStack):
+    """A stack of N encoder layers over the embedded source (Figure 1, left)."""
+
+    def __init__(self, config: VanillaTransformerConfig) -> None:
+        super().__init__(config, [VanillaTransformerEncoderLayer(config, i) for i in range(config.encoder_layers)])
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutput | tuple:
+        """input_ids (B, S) and attention_mask (B, S; 1 for tokens, 0 for padding). Returns (B, S, D)."""
+        batch_size, src_len = _batch_and_length(input_ids, inputs_embeds, "input_ids")
+        _check_mask("attention_mask", attention_mask, batch_size, src_len)
+        hidden_states = self.embed(input_ids, inputs_embeds)
+        # (B, S) padding mask -> (B, 1, S, S) in the form the attention implementation wants (None if no padding).
+        mask = create_bidirectional_mask(self.config, hidden_states, attention_mask)
+        all_hidden, all_attentions = [], []
+        for layer in self.layers:
+            all_hidden.append(hidden_states)
+            hidden_states, weights = layer(hidden_states, mask, output_attentions=bool(output_attentions))
+            all_attentions.append(weights)
+        hidden_states = self.final_norm(hidden_states)
+        all_hidden.append(hidden_states)
+        output = BaseModelOutput(
+            last_hidden_state=hidden_states,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attentions) if output_attentions else None,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+class VanillaTransformerDecoder(VanillaTransformerStack):
+    """A stack of N decoder layers over the embedded, right-shifted target (Figure 1, right).
+
+    With `use_cache`, keys and values of earlier steps live in an `EncoderDecoderCache`, so each generation step
+    feeds only the new tokens; their positions continue from the cache length.
+    """
+
+    def __init__(self, config: VanillaTransformerConfig) -> None:
+        super().__init__(config, [VanillaTransformerDecoderLayer(config, i) for i in range(config.decoder_layers)])
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """input_ids (B, T), attention_mask (B, P + T), encoder_hidden_states (B, S, D),
+        encoder_attention_mask (B, S). Returns a dict with last_hidden_state (B, T, D) and the cache."""
+        batch_size, tgt_len = _batch_and_length(input_ids, inputs_embeds, "decoder_input_ids")
+        if use_cache and past_key_values is None:
+            past_key_values = EncoderDecoderCache(DynamicCache(), DynamicCache())
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        _check_mask("decoder_attention_mask", attention_mask, batch_size, past_length + tgt_len)
+        hidden_states = self.embed(input_ids, inputs_embeds, past_length)
+        self_attn_cache = past_key_values.self_attention_cache if past_key_values is not None else None
+        # Causal plus target padding, (B, 1, T, P + T); and source padding for cross-attention, (B, 1, T, S).
+        causal_mask = create_causal_mask(self.config, hidden_states, attention_mask, self_attn_cache)
+        cross_mask = create_bidirectional_mask(
+            self.config, hidden_states, encoder_attention_mask, encoder_hidden_states=encoder_hidden_states
+        )
+        all_hidden, self_attentions, cross_attentions = [], [], []
+        for layer in self.layers:
+            all_hidden.append(hidden_states)
+            hidden_states, self_weights, cross_weights = layer(
+                hidden_states,
+                causal_mask,
+                encoder_hidden_states,  # positional: the gradient-checkpointing wrapper drops keyword tensors
+                encoder_attention_mask=cross_mask,
+                past_key_values=past_key_values,
+                output_attentions=bool(output_attentions),
+            )
+            self_attentions.append(self_weights)
+            cross_attentions.append(cross_weights)
+        hidden_states = self.final_norm(hidden_states)
+        all_hidden.append(hidden_states)
+        return {
+            "last_hidden_state": hidden_states,
+            "past_key_values": past_key_values if use_cache else None,
+            "hidden_states": tuple(all_hidden) if output_hidden_states else None,
+            "attentions": tuple(self_attentions) if output_attentions else None,
+            "cross_attentions": tuple(cross_attentions) if output_attentions else None,
+        }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The encoder-decoder model and §3.4 the output projection
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class VanillaTransformerModel(VanillaTransformerPreTrainedModel):
+    """The bare encoder-decoder: returns the decoder's last hidden states (no output projection).
+
+    With `tie_word_embeddings` (the paper's choice, §3.4: one shared source/target vocabulary) the decoder's
+    embedding is the encoder's matrix; the checkpoint stores it once. Without it the two are separate.
+    """
+
+    _tied_weights_keys = {"decoder.embed_tokens.weight": "encoder.embed_tokens.weight"}
+
+    def __init__(self, config: VanillaTransformerConfig) -> None:
+        super().__init__(config)
+        self.encoder = VanillaTransformerEncoder(config)
+        self.decoder = VanillaTransformerDecoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.encoder.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.encoder.embed_tokens = value
+        if self.config.tie_word_embeddings:
+            self.decoder.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: BaseModelOutput | tuple | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> Seq2SeqModelOutput | tuple:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, source_len)`): source token ids.
+            attention_mask (`torch.Tensor` of shape `(batch, source_len)`, *optional*): 1 for tokens, 0 for padding.
+            decoder_input_ids (`torch.LongTensor` of shape `(batch, target_len)`): the target shifted right.
+            decoder_attention_mask (`torch.Tensor` of shape `(batch, past_len + target_len)`, *optional*).
+            encoder_outputs (`BaseModelOutput`, *optional*): a precomputed encoder output (generate() passes it).
+            past_key_values (`EncoderDecoderCache`, *optional*): the decoding cache.
+        """
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if output_attentions and self.config._attn_implementation != "eager":
+            raise ValueError(
+                f"output_attentions=True needs the eager attention implementation, not "
+                f"{self.config._attn_implementation!r}: call model.set_attn_implementation('eager') or load with "
+                "attn_implementation='eager'."
+            )
+        if encoder_outputs is None:
+            encoder_outputs = self.encoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                inputs_embeds=inputs_embeds,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+                return_dict=True,
+            )
+        elif not isinstance(encoder_outputs, BaseModelOutput):
+            encoder_outputs = BaseModelOutput(*encoder_outputs)
+        encoder_hidden_states = encoder_outputs.last_hidden_state
+        _check_mask("attention_mask", attention_mask, *encoder_hidden_states.shape[:2])
+        if decoder_input_ids is None and decoder_inputs_embeds is None:
+            raise ValueError("Pass `decoder_input_ids` (or `labels`, from which they are made) to run the decoder.")
+        decoder_batch = (decoder_input_ids if decoder_input_ids is not None else decoder_inputs_embeds).shape[0]
+        if decoder_batch != encoder_hidden_states.shape[0]:
+            raise ValueError(
+                f"Batch sizes differ: the source has {encoder_hidden_states.shape[0]} rows, the decoder input "
+                f"{decoder_batch}."
+            )
+        decoder_outputs = self.decoder(
+            input_ids=decoder_input_ids,
+            attention_mask=decoder_attention_mask,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            inputs_embeds=decoder_inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+        )
+        output = Seq2SeqModelOutput(
+            last_hidden_state=decoder_outputs["last_hidden_state"],
+            past_key_values=decoder_outputs["past_key_values"],
+            decoder_hidden_states=decoder_outputs["hidden_states"],
+            decoder_attentions=decoder_outputs["attentions"],
+            cross_attentions=decoder_outputs["cross_attentions"],
+            encoder_last_hidden_state=encoder_hidden_states,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedModel, GenerationMixin):
+    """The full model of the paper: encoder-decoder, then the pre-softmax linear projection (§3.4), whose weight
+    is the shared embedding matrix when `tie_word_embeddings` is set. Given `labels`, returns the mean
+    cross-entropy over the target tokens (positions labelled -100 are ignored).
+
+    Example:
+
+    ```python
+    >>> from hf_vanilla_transformer import VanillaTransformerConfig, VanillaTransformerForConditionalGeneration
+    >>> model = VanillaTransformerForConditionalGeneration(VanillaTransformerConfig.from_preset("tiny", vocab_size=100))
+    >>> out = model(input_ids=torch.tensor([[5, 6, 7, 2]]), labels=torch.tensor([[8, 9, 2]]))
+    >>> out.logits.shape
+    torch.Size([1, 3, 100])
+    ```
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.encoder.embed_tokens.weight"}
+
+    def __init__(self, config: VanillaTransformerConfig) -> None:
+        super().__init__(config)
+        self.model = VanillaTransformerModel(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)  # §3.4: no bias, tied weight
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Used by `DataCollatorForSeq2Seq(model=...)`: Trainer's label smoothing pops `labels` before forward."""
+        return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: BaseModelOutput | tuple | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> Seq2SeqLMOutput | tuple:
+        r"""
+        Args are those of [`VanillaTransformerModel.forward`], plus:
+            labels (`torch.LongTensor` of shape `(batch, target_len)`, *optional*): target ids, -100 where ignored.
+                Without `decoder_input_ids`, the decoder input is `labels` shifted right.
+        """
+        if labels is not None:
+            if decoder_input_ids is None and decoder_inputs_embeds is None:
+                decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
+                use_cache = False  # training: nothing to cache
+            decoder_shape = (decoder_input_ids if decoder_input_ids is not None else decoder_inputs_embeds).shape[:2]
+            if tuple(labels.shape) != tuple(decoder_shape):
+                raise ValueError(
+                    f"`labels` has shape {tuple(labels.shape)} but the decoder input has {tuple(decoder_shape)}."
+                )
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            encoder_outputs=encoder_outputs,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            decoder_inputs_embeds=decoder_inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.lm_head(outputs.last_hidden_state)  # (B, T, D) -> (B, T, V)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        output = Seq2SeqLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            decoder_hidden_states=outputs.decoder_hidden_states,
+            decoder_attentions=outputs.decoder_attentions,
+            cross_attentions=outputs.cross_attentions,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            encoder_hidden_states=outputs.encoder_hidden_states,
+            encoder_attentions=outputs.encoder_attentions,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+__all__ = [
+    "VanillaTransformerForConditionalGeneration",
+    "VanillaTransformerModel",
+    "VanillaTransformerPreTrainedModel",
+    "shift_tokens_right",
+    "sinusoidal_table",
+]
