@@ -708,6 +708,7 @@ class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedMod
                 Without `decoder_input_ids`, the decoder input is `labels` shifted right.
         """
         if labels is not None:
+            _check_token_ids("labels", labels[labels != -100], self.config.vocab_size)
             if decoder_input_ids is None and decoder_inputs_embeds is None:
                 decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
                 use_cache = False  # training: nothing to cache

@@ -1,0 +1,58 @@
+"""Shared fixtures. Model sizes follow fairseq's "characteristic dimensions": no two sizes coincide, so a swapped
+axis fails loudly (d_model 12, heads 3, d_ff 20, vocab 37, source length 7, target length 5, batch 2)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from hf_vanilla_transformer import VanillaTransformerConfig, VanillaTransformerForConditionalGeneration
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach the Hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB, D_MODEL, HEADS, FFN, SRC_LEN, TGT_LEN, BATCH = 37, 12, 3, 20, 7, 5, 2
+PAD, BOS, EOS = 0, 1, 2
+
+
+def tiny_config(**overrides) -> VanillaTransformerConfig:
+    values = dict(
+        vocab_size=VOCAB,
+        d_model=D_MODEL,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=HEADS,
+        decoder_attention_heads=HEADS,
+        encoder_ffn_dim=FFN,
+        decoder_ffn_dim=FFN,
+        max_position_embeddings=64,
+        dropout=0.0,
+    )
+    values.update(overrides)
+    return VanillaTransformerConfig(**values)
+
+
+def tiny_model(seed: int = 0, **overrides) -> VanillaTransformerForConditionalGeneration:
+    torch.manual_seed(seed)
+    return VanillaTransformerForConditionalGeneration(tiny_config(**overrides)).eval()
+
+
+def random_batch(seed: int = 0, batch: int = BATCH, src_len: int = SRC_LEN, tgt_len: int = TGT_LEN):
+    """Source ids with right padding of varying length (row 0 full), its mask, and labels ending in EOS."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, VOCAB, (batch, src_len), generator=g)
+    attention_mask = torch.ones(batch, src_len, dtype=torch.long)
+    for row in range(1, batch):
+        keep = max(1, src_len - 2 * row)
+        attention_mask[row, keep:] = 0
+    input_ids = input_ids.masked_fill(attention_mask == 0, PAD)
+    labels = torch.randint(3, VOCAB, (batch, tgt_len), generator=g)
+    labels[:, -1] = EOS
+    return input_ids, attention_mask, labels
+
+
+@pytest.fixture
+def model() -> VanillaTransformerForConditionalGeneration:
+    return tiny_model()
