@@ -13,6 +13,7 @@ from .modeling_vanilla_transformer import (
     VanillaTransformerModel,
     VanillaTransformerPreTrainedModel,
 )
+from .pipelines import TranslationPipeline, register_pipelines
 
 __version__ = "0.1.0"
 
@@ -25,8 +26,11 @@ VanillaTransformerConfig.register_for_auto_class()
 VanillaTransformerModel.register_for_auto_class("AutoModel")
 VanillaTransformerForConditionalGeneration.register_for_auto_class("AutoModelForSeq2SeqLM")
 
+register_pipelines()  # pipeline("translation") and pipeline("text2text-generation"), which transformers 5 dropped
+
 __all__ = [
     "PRESETS",
+    "TranslationPipeline",
     "VanillaTransformerConfig",
     "VanillaTransformerForConditionalGeneration",
     "VanillaTransformerModel",

@@ -19,10 +19,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.generation import LogitsProcessor, LogitsProcessorList
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput, Seq2SeqModelOutput
@@ -651,6 +652,49 @@ class VanillaTransformerModel(VanillaTransformerPreTrainedModel):
         return output if return_dict is not False else output.to_tuple()
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# §6.1 Decoding: beam 4, length penalty 0.6, output length at most input length + 50
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class SourceLengthLimitLogitsProcessor(LogitsProcessor):
+    """Ends each output at its own input's length + offset (§6.1), by forcing EOS as the last allowed token.
+
+    `max_new_tokens` alone would give every input of a batch the longest input's limit; this applies the rule per
+    input. `limits` has one entry per input; beams and returned sequences of an input are contiguous rows.
+    """
+
+    def __init__(self, limits: torch.Tensor, eos_token_id: int) -> None:
+        self.limits = limits  # (B,) maximum number of generated tokens, EOS included
+        self.eos_token_id = eos_token_id
+        self.start_length: int | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.start_length is None:  # first step: what is there already is the decoder prompt
+            self.start_length = input_ids.shape[1]
+        generated = input_ids.shape[1] - self.start_length
+        limits = self.limits.to(scores.device).repeat_interleave(input_ids.shape[0] // self.limits.shape[0])
+        at_limit = (generated >= limits - 1).unsqueeze(1)  # (rows, 1): the next token is the last one allowed
+        if not at_limit.any():
+            return scores
+        only_eos = torch.full_like(scores, -float("inf"))
+        only_eos[:, self.eos_token_id] = 0.0
+        return torch.where(at_limit, only_eos, scores)
+
+
+def paper_generation_config(config: VanillaTransformerConfig) -> GenerationConfig:
+    """The decoding defaults of §6.1, saved as `generation_config.json`: beam size 4, length penalty alpha = 0.6,
+    early termination, and `max_length_offset` = 50, read by `generate()` as "input length + 50" whenever the
+    caller gives no `max_length` or `max_new_tokens`."""
+    generation_config = GenerationConfig.from_model_config(config)
+    generation_config.num_beams = 4
+    generation_config.length_penalty = 0.6
+    generation_config.early_stopping = True
+    generation_config.max_length_offset = 50  # not a GenerationConfig field: saved and loaded as an extra key
+    generation_config._from_model_config = False  # ours, not derived from config.json: keep it as saved
+    return generation_config
+
+
 class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedModel, GenerationMixin):
     """The full model of the paper: encoder-decoder, then the pre-softmax linear projection (§3.4), whose weight
     is the shared embedding matrix when `tie_word_embeddings` is set. Given `labels`, returns the mean
@@ -674,12 +718,56 @@ class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedMod
         self.model = VanillaTransformerModel(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)  # §3.4: no bias, tied weight
         self.post_init()
+        self.generation_config = paper_generation_config(config)
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        logits_processor: LogitsProcessorList | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """`GenerationMixin.generate`, plus the per-input length rule of §6.1 (see `paper_generation_config`).
+
+        The rule applies when the generation config has `max_length_offset` and the caller set neither
+        `max_length` nor `max_new_tokens` (as arguments or in a `generation_config` they pass).
+        """
+        config = generation_config if generation_config is not None else self.generation_config
+        offset = getattr(config, "max_length_offset", None)
+        caller_set_length = (
+            kwargs.get("max_length") is not None
+            or kwargs.get("max_new_tokens") is not None
+            or config.max_new_tokens is not None
+            or config.max_length != GenerationConfig().max_length
+        )
+        if offset is not None and not caller_set_length:
+            limits = self._source_lengths(inputs, kwargs) + offset
+            eos = config.eos_token_id if config.eos_token_id is not None else self.config.eos_token_id
+            eos = eos[0] if isinstance(eos, list) else eos
+            logits_processor = LogitsProcessorList(
+                [*(logits_processor or []), SourceLengthLimitLogitsProcessor(limits, eos)]
+            )
+            kwargs["max_new_tokens"] = int(limits.max())
+        return super().generate(inputs, generation_config, logits_processor, **kwargs)
+
+    def _source_lengths(self, inputs: torch.Tensor | None, kwargs: dict[str, Any]) -> torch.Tensor:
+        """Tokens per source row: from the attention mask, else the non-padding ids, else the encoder output."""
+        if kwargs.get("attention_mask") is not None:
+            return kwargs["attention_mask"].sum(dim=1).long()
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if input_ids is not None:
+            if self.config.pad_token_id is None:
+                return torch.full((input_ids.shape[0],), input_ids.shape[1], device=input_ids.device)
+            return (input_ids != self.config.pad_token_id).sum(dim=1)
+        hidden = kwargs["encoder_outputs"].last_hidden_state  # (B, S, D)
+        return torch.full((hidden.shape[0],), hidden.shape[1], device=hidden.device)
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Used by `DataCollatorForSeq2Seq(model=...)`: Trainer's label smoothing pops `labels` before forward."""
@@ -750,9 +838,11 @@ class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedMod
 
 
 __all__ = [
+    "SourceLengthLimitLogitsProcessor",
     "VanillaTransformerForConditionalGeneration",
     "VanillaTransformerModel",
     "VanillaTransformerPreTrainedModel",
+    "paper_generation_config",
     "shift_tokens_right",
     "sinusoidal_table",
 ]

@@ -1,0 +1,186 @@
+"""generate(): the cache against full recomputation, the paper's decoding defaults (§6.1), and the pipelines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import EOS, PAD, VOCAB, random_batch, tiny_model
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
+
+from hf_vanilla_transformer.tokenization import train_tokenizer
+
+
+def _trimmed(sequence: torch.Tensor) -> list[int]:
+    """Tokens up to and including the first EOS (beam search pads finished rows with EOS when pad id is 0)."""
+    tokens = sequence.tolist()
+    return tokens[: tokens.index(EOS) + 1] if EOS in tokens[1:] else tokens
+
+
+def _certain_model(token: int):
+    """A model whose decoder output is one fixed vector that only `token`'s embedding sees: every step's argmax is
+    `token`, with a margin no search can overturn, so the output is known exactly."""
+    model = tiny_model(seed=11)
+    with torch.no_grad():
+        emb = model.model.encoder.embed_tokens.weight  # tied: also the output projection
+        emb[:, 0] = 0.0
+        emb[token, 0] = 1.0
+        norm = model.model.decoder.layers[-1].ffn_block.layer_norm
+        norm.weight.zero_()
+        norm.bias.zero_()
+        norm.bias[0] = 50.0  # logits: 50 for `token`, 0 for every other token
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- the KV cache
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_cached_step_logits_equal_a_full_forward(attn_implementation):
+    model = tiny_model(seed=2)
+    model.set_attn_implementation(attn_implementation)
+    input_ids, attention_mask, labels = random_batch(seed=3, batch=3)
+    decoder_input_ids = torch.cat([torch.ones(3, 1, dtype=torch.long), labels[:, :-1]], dim=1)
+    with torch.no_grad():
+        full = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits
+        encoder_outputs = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
+        past, steps = None, []
+        for t in range(decoder_input_ids.shape[1]):
+            out = model(
+                encoder_outputs=encoder_outputs,
+                attention_mask=attention_mask,
+                decoder_input_ids=decoder_input_ids[:, t : t + 1],
+                past_key_values=past,
+                use_cache=True,
+            )
+            past = out.past_key_values
+            steps.append(out.logits)
+    assert past.get_seq_length() == decoder_input_ids.shape[1]
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_use_cache_false_produces_exactly_the_same_tokens(num_beams):
+    model = tiny_model(seed=5)
+    input_ids, attention_mask, _ = random_batch(seed=6, batch=3)
+    kwargs = {"attention_mask": attention_mask, "num_beams": num_beams, "max_new_tokens": 12}
+    cached = model.generate(input_ids, use_cache=True, **kwargs)
+    uncached = model.generate(input_ids, use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)
+
+
+def test_sampling_is_reproducible_and_cache_independent():
+    model = tiny_model(seed=5)
+    input_ids, attention_mask, _ = random_batch(seed=6, batch=3)
+    kwargs = {"attention_mask": attention_mask, "do_sample": True, "num_beams": 1, "max_new_tokens": 10}
+    kwargs.update(top_k=8, top_p=0.9, temperature=1.5)
+    runs = []
+    for use_cache in (True, False, True):
+        torch.manual_seed(123)
+        runs.append(model.generate(input_ids, use_cache=use_cache, **kwargs))
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    torch.manual_seed(7)
+    assert not torch.equal(runs[0], model.generate(input_ids, **kwargs))
+
+
+def test_padded_batch_gives_each_row_what_it_gets_alone():
+    model = tiny_model(seed=8)
+    input_ids, attention_mask, _ = random_batch(seed=9, batch=3)
+    batched = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=8, num_beams=2)
+    for row in range(3):
+        n = int(attention_mask[row].sum())
+        alone = model.generate(input_ids[row : row + 1, :n], max_new_tokens=8, num_beams=2)
+        assert _trimmed(batched[row]) == _trimmed(alone[0])
+
+
+# ----------------------------------------------------------------------------------------------- §6.1 defaults
+
+
+def test_paper_decoding_defaults_are_the_saved_generation_config(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path).generation_config
+    assert (loaded.num_beams, loaded.length_penalty, loaded.early_stopping) == (4, 0.6, True)
+    assert loaded.max_length_offset == 50 and loaded.max_new_tokens is None
+
+
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_output_length_is_input_length_plus_50_per_input(num_beams):
+    token = 7
+    model = _certain_model(token)
+    input_ids, attention_mask, _ = random_batch(seed=1, batch=3)  # source lengths 7, 5, 3
+    out = model.generate(input_ids, attention_mask=attention_mask, num_beams=num_beams)
+    for row in range(3):
+        limit = int(attention_mask[row].sum()) + 50
+        assert _trimmed(out[row]) == [1] + [token] * (limit - 1) + [EOS]  # start, then exactly `limit` tokens
+
+
+def test_the_rule_uses_non_padding_ids_when_no_mask_is_given():
+    model = _certain_model(9)
+    input_ids = torch.tensor([[5, 6, 7, 8, EOS], [5, 6, EOS, PAD, PAD]])
+    out = model.generate(input_ids, num_beams=1)
+    assert len(_trimmed(out[0])) == 1 + 55 and len(_trimmed(out[1])) == 1 + 53
+
+
+@pytest.mark.parametrize("length_kwargs", [{"max_new_tokens": 4}, {"max_length": 6}])
+def test_an_explicit_length_from_the_caller_wins(length_kwargs):
+    model = _certain_model(7)
+    input_ids, attention_mask, _ = random_batch(batch=2)
+    out = model.generate(input_ids, attention_mask=attention_mask, num_beams=1, **length_kwargs)
+    assert out.shape[1] == 5 if "max_new_tokens" in length_kwargs else out.shape[1] == 6
+    assert out[:, 1:].eq(7).all()  # cut by length, not by the rule's EOS
+
+
+def test_num_return_sequences_with_beams():
+    model = tiny_model(seed=4)
+    input_ids, attention_mask, _ = random_batch(batch=2)
+    out = model.generate(
+        input_ids, attention_mask=attention_mask, num_beams=4, num_return_sequences=3, max_new_tokens=6
+    )
+    assert out.shape[0] == 6
+    assert len({tuple(_trimmed(row)) for row in out[:3]}) == 3  # distinct hypotheses of the first input
+    scored = model.generate(
+        input_ids,
+        attention_mask=attention_mask,
+        num_beams=4,
+        num_return_sequences=3,
+        max_new_tokens=6,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    scores = scored.sequences_scores.view(2, 3)
+    assert (scores[:, :-1] >= scores[:, 1:]).all()  # best first
+
+
+# ----------------------------------------------------------------------------------------------- pipelines
+
+
+@pytest.fixture
+def saved_model_and_tokenizer(tmp_path):
+    sentences = ["the cat sat on the mat", "a dog ran in the park", "birds sing in the morning"] * 20
+    tokenizer = train_tokenizer(sentences, vocab_size=VOCAB + 60)
+    model = tiny_model(vocab_size=len(tokenizer))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    return tmp_path, model, tokenizer
+
+
+@pytest.mark.parametrize(
+    ("task", "key"), [("translation", "translation_text"), ("text2text-generation", "generated_text")]
+)
+def test_pipeline_from_a_saved_directory(saved_model_and_tokenizer, task, key):
+    path, model, tokenizer = saved_model_and_tokenizer
+    translator = pipeline(task, model=str(path), tokenizer=str(path), max_new_tokens=6, num_beams=2)
+    single = translator("the cat sat")
+    assert isinstance(single, list) and set(single[0]) == {key}
+    expected_ids = model.generate(**tokenizer("the cat sat", return_tensors="pt"), max_new_tokens=6, num_beams=2)
+    assert single[0][key] == tokenizer.decode(expected_ids[0], skip_special_tokens=True).strip()
+    many = translator(["the cat sat", "a dog ran in the park"], batch_size=2)
+    assert [set(item) for item in many] == [{key}, {key}]
+
+
+def test_pipeline_with_objects_and_bad_input(saved_model_and_tokenizer):
+    path, model, _ = saved_model_and_tokenizer
+    translator = pipeline("translation", model=model, tokenizer=AutoTokenizer.from_pretrained(path))
+    assert isinstance(translator("a dog ran", max_new_tokens=3)[0]["translation_text"], str)
+    with pytest.raises(ValueError, match="string or a list of strings"):
+        translator(42)
