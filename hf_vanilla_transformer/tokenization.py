@@ -1,0 +1,44 @@
+"""One shared BPE vocabulary for source and target text (§5.1), trained with the `tokenizers` library."""
+
+from collections.abc import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+# Fixed ids: the model config defaults are pad 0, bos/decoder_start 1, eos 2. BpeTrainer gives special tokens the
+# first ids in list order, and `train_tokenizer` checks that they landed there.
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 37000, min_frequency: int = 2) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on `texts` (source and target sentences together, §5.1) and wrap it for transformers.
+
+    Every encoded sequence ends in ``</s>``; ``<s>`` is not prepended, it is the decoder start token. Byte-level
+    pre-tokenization makes the tokenizer reversible: ``decode(encode(x), skip_special_tokens=True).strip() == x``.
+    """
+    tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
+    # add_prefix_space: a word gets the same tokens at the start of a sentence as in the middle.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, so no input is ever unknown
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    _check_special_ids(tokenizer)
+    eos = SPECIAL_TOKENS["eos_token"]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, EOS_ID)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+
+
+def _check_special_ids(tokenizer: Tokenizer) -> None:
+    expected = dict(zip(SPECIAL_TOKENS.values(), (PAD_ID, BOS_ID, EOS_ID, UNK_ID), strict=True))
+    actual = {token: tokenizer.token_to_id(token) for token in expected}
+    if actual != expected:
+        raise RuntimeError(f"special token ids {actual} differ from the model defaults {expected}")
