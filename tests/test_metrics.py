@@ -1,0 +1,76 @@
+"""BLEU through `evaluate` offline: same score as plain sacreBLEU, -100 handled, gen_len counted."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import sacrebleu
+from transformers import EvalPrediction
+
+from hf_vanilla_transformer.metrics import build_compute_metrics, load_bleu
+from hf_vanilla_transformer.tokenization import train_tokenizer
+
+HYPOTHESES = ["the cat sat on the mat", "a dog barks loudly at night", "hello there world"]
+REFERENCES = ["the cat sat on a mat", "a dog barks loudly at night", "hello world"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(HYPOTHESES + REFERENCES, vocab_size=300)
+
+
+def padded(rows: list[list[int]], value: int) -> np.ndarray:
+    width = max(map(len, rows))
+    return np.array([row + [value] * (width - len(row)) for row in rows])
+
+
+def test_metric_equals_plain_sacrebleu():
+    expected = sacrebleu.corpus_bleu(HYPOTHESES, [REFERENCES]).score
+    result = load_bleu().compute(predictions=HYPOTHESES, references=[[r] for r in REFERENCES])
+    assert 0 < expected < 100
+    assert result["score"] == pytest.approx(expected, abs=1e-9)
+    assert load_bleu().compute(predictions=HYPOTHESES, references=REFERENCES)["score"] == pytest.approx(expected)
+
+
+def test_multiple_references_use_the_best_match():
+    refs = [[r, h] for r, h in zip(REFERENCES, HYPOTHESES, strict=True)]
+    assert load_bleu().compute(predictions=HYPOTHESES, references=refs)["score"] == pytest.approx(100.0)
+
+
+def test_compute_metrics_decodes_ids_with_minus_100(tokenizer):
+    # As Seq2SeqTrainer hands them over: generated ids start with the decoder start token <s> (1), end in </s>,
+    # and are padded with pad (greedy), eos (beam search, pad id 0) or -100 (concatenation across batches).
+    generated = [[1, *tokenizer(h)["input_ids"]] for h in HYPOTHESES]
+    generated[1] += [2, 2]
+    predictions = padded(generated, -100)
+    labels = padded([tokenizer(r)["input_ids"] for r in REFERENCES], -100)
+    result = build_compute_metrics(tokenizer)(EvalPrediction(predictions=predictions, label_ids=labels))
+    assert result["bleu"] == pytest.approx(sacrebleu.corpus_bleu(HYPOTHESES, [REFERENCES]).score)
+    expected_len = np.mean([len(tokenizer(h)["input_ids"]) for h in HYPOTHESES])  # tokens + one </s>
+    assert result["gen_len"] == pytest.approx(expected_len)
+
+
+def test_perfect_predictions_score_100(tokenizer):
+    ids = padded([tokenizer(r)["input_ids"] for r in REFERENCES], -100)
+    result = build_compute_metrics(tokenizer)(EvalPrediction(predictions=(ids,), label_ids=ids))
+    assert result["bleu"] == pytest.approx(100.0)
+
+
+def test_loads_offline_from_any_working_directory(tmp_path):
+    code = (
+        "import sacrebleu; from hf_vanilla_transformer.metrics import load_bleu;"
+        f"h, r = {HYPOTHESES!r}, {REFERENCES!r};"
+        "s = load_bleu().compute(predictions=h, references=[[x] for x in r])['score'];"
+        "assert abs(s - sacrebleu.corpus_bleu(h, [r]).score) < 1e-9, s; print('ok', s)"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH", "")]
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("ok")
