@@ -1,0 +1,63 @@
+"""The benchmarks still run, and their Marian comparison is a comparison of the same function."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import common  # noqa: E402
+
+
+def test_marian_and_torch_with_our_weights_reproduce_our_logits():
+    """Same weights, positions copied into Marian: all three compute the same logits (build_models asserts it)."""
+    models, diffs = common.build_models("tiny")
+    assert set(models) == set(common.IMPLEMENTATIONS)
+    assert diffs["marian"] <= 1e-5
+    assert diffs["torch"] <= 1e-5
+    batch = common.fixed_batch(models["ours"].config.vocab_size, batch_size=2, length=5)
+    with torch.no_grad():
+        ours = common.logits("ours", models["ours"], batch)
+        torch.testing.assert_close(common.logits("marian", models["marian"], batch), ours, atol=1e-5, rtol=0)
+
+
+def test_flop_formula_counts_the_linear_layers_of_a_one_layer_model():
+    """6 x weights x tokens for the Linears, plus the attention terms, on a hand-sized example."""
+    config = common.model_config("tiny")
+    config.encoder_layers = config.decoder_layers = 1
+    batch = common.fixed_batch(config.vocab_size, batch_size=2, length=3)
+    d, f, v, tokens = config.d_model, config.encoder_ffn_dim, config.vocab_size, 2 * 3
+    linear = tokens * (4 * d * d + 2 * d * f) + tokens * (6 * d * d + 2 * d * f) + tokens * 2 * d * d + tokens * d * v
+    attention = 2 * 2 * d * (3 * 3 + 3 * 3 + 3 * 3)
+    assert common.training_flops(config, batch) == 6 * (linear + attention)
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_positive_numbers(tmp_path):
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--sizes", "tiny", "--quick", "--json", str(out)]
+    subprocess.run(command, check=True, cwd=ROOT, capture_output=True, timeout=600)
+    results = json.loads(out.read_text())
+    assert results["matmul"]["peak_flops"] > 0
+    tiny = results["sizes"]["tiny"]
+    for allocator in ("default", "tuned"):
+        train = tiny["train"][allocator]
+        kinds = [k for k in train if k.startswith(("fixed_", "tokens_"))]
+        assert len(kinds) == 2
+        for kind in kinds:
+            for impl in common.IMPLEMENTATIONS:
+                assert train[kind][impl]["tokens_per_s"] > 0
+                assert train[kind][impl]["flops_per_s"] > 0
+    for impl in common.IMPLEMENTATIONS:
+        assert tiny["memory"]["default"][impl]["peak_rss_mib"] > 0
+    for case in ("greedy_b1", "greedy_b2", "beam4_b1", "beam4_b2"):
+        assert tiny["generation"][case]["ours"] > 0
+        assert tiny["generation"][case]["marian"] > 0
+    assert any("ours/marian" in line for line in results["table"])
