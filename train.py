@@ -1,0 +1,608 @@
+#!/usr/bin/env python
+"""Train or fine-tune the Transformer of "Attention Is All You Need" with Seq2SeqTrainer.
+
+The flags follow transformers' translation example (`run_translation.py`): `--model_name_or_path`,
+`--dataset_name`, `--train_file`, `--source_lang`, `--output_dir`, `--max_steps`, `--do_train`, ... keep their
+meaning, and a JSON or YAML file of the same keys is accepted in place of flags. The defaults are the paper's
+recipe (§5.3-5.4): Adam with beta2 0.98 and eps 1e-9, the inverse-square-root schedule with 4000 warm-up steps
+peaking at d_model^-0.5 * warmup^-0.5, label smoothing 0.1, batches of about 25,000 tokens, beam 4 decoding.
+
+With no arguments it trains a small model on the embedded synthetic corpus (no network needed) with a CPU-sized
+version of that recipe (`DEMO_RECIPE`), evaluates BLEU and writes a Hub-ready model to `outputs/vanilla-transformer`.
+
+    python train.py                                           # the CPU demo on the embedded corpus
+    python train.py --dataset_name wmt14 --dataset_config_name de-en --source_lang en --target_lang de \
+        --config_name base --max_steps 100000 --output_dir outputs/wmt14-base     # the paper's base run
+    torchrun --nproc_per_node 2 train.py ...                 # data parallel (accelerate launch works too)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+import transformers
+from safetensors.torch import load_file
+from transformers import (
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    HfArgumentParser,
+    PreTrainedTokenizerBase,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    TrainerCallback,
+    set_seed,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from hf_vanilla_transformer import VanillaTransformerConfig, VanillaTransformerForConditionalGeneration
+from hf_vanilla_transformer.batching import TokenBatchSeq2SeqTrainer
+from hf_vanilla_transformer.corpus import SOURCE_LANG, TARGET_LANG
+from hf_vanilla_transformer.data import load_translation_dataset, tokenize_dataset
+from hf_vanilla_transformer.metrics import build_compute_metrics, decode
+from hf_vanilla_transformer.model_card import render_model_card
+from hf_vanilla_transformer.tokenization import train_tokenizer
+
+logger = logging.getLogger("train")
+REPO_ROOT = Path(__file__).resolve().parent
+
+# The paper's recipe shrunk to 2 CPU cores and about six minutes; applied only when no dataset is given, and only to
+# the settings the user did not set. The schedule keeps the paper's formula; only warm-up and length shrink.
+DEMO_RECIPE: dict[str, Any] = {
+    "config_name": "small",
+    "vocab_size": 8000,
+    "max_tokens": 4096,
+    "max_steps": 1200,
+    "warmup_steps": 400,
+    "eval_strategy": "steps",
+    "eval_steps": 300,
+    "save_steps": 300,
+    "logging_steps": 25,
+    "max_eval_samples": 200,
+    "generation_num_beams": 1,  # quick greedy BLEU during training; the final test uses the paper's beam 4
+    "checkpoint_average": 2,
+}
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train: a checkpoint to fine-tune, or a new one from a preset and overrides."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A checkpoint to fine-tune (directory or Hub id). Default: a new model."}
+    )
+    config_name: str = field(
+        default="base", metadata={"help": "Preset of a new model: base, big (Table 3), small or tiny."}
+    )
+    config_overrides: str | None = field(
+        default=None, metadata={"help": "Comma-separated config fields, e.g. 'd_model=256,encoder_layers=3'."}
+    )
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "A tokenizer to use; default: the checkpoint's, or one trained on the data."}
+    )
+    vocab_size: int = field(default=37000, metadata={"help": "BPE vocabulary of a trained tokenizer (§5.1)."})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "eager or sdpa."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from a Hub checkpoint."})
+    checkpoint_average: int = field(
+        default=0, metadata={"help": "Average the last K checkpoints into the final model (§6.1: 5 base, 20 big)."}
+    )
+
+
+@dataclass
+class DataTrainingArguments:
+    """What to train on; with none of dataset_name / train_file, the embedded synthetic corpus."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset (e.g. wmt14) or save_to_disk dir."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Dataset config (e.g. de-en)."})
+    train_file: str | None = field(default=None, metadata={"help": "jsonl, csv/tsv, or 'train.en,train.de'."})
+    validation_file: str | None = field(default=None, metadata={"help": "Same formats as train_file."})
+    test_file: str | None = field(default=None, metadata={"help": "Same formats as train_file."})
+    source_lang: str = field(default=SOURCE_LANG, metadata={"help": "Source language code."})
+    target_lang: str = field(default=TARGET_LANG, metadata={"help": "Target language code."})
+    max_source_length: int = field(default=256, metadata={"help": "Truncate sources to this many tokens."})
+    max_target_length: int = field(default=256, metadata={"help": "Truncate targets to this many tokens."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only this many training pairs."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only this many validation pairs."})
+    max_predict_samples: int | None = field(default=None, metadata={"help": "Use only this many test pairs."})
+    max_tokens: int | None = field(
+        default=25000,
+        metadata={
+            "help": "Token-based batches of about this many source (and target) tokens (§5.1); 0 for fixed-size."
+        },
+    )
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenizing."})
+    corpus_seed: int = field(default=0, metadata={"help": "Seed of the embedded corpus."})
+
+
+@dataclass
+class PaperTrainingArguments(Seq2SeqTrainingArguments):
+    """Seq2SeqTrainingArguments with the paper's recipe as defaults (§5.3, §5.4); every flag still overrides."""
+
+    output_dir: str | None = field(default="outputs/vanilla-transformer", metadata={"help": "Where to write."})
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "Peak learning rate. Default: d_model^-0.5 * warmup^-0.5 (§5.3)."}
+    )
+    warmup_steps: float = field(default=4000, metadata={"help": "Linear warm-up steps (§5.3: 4000)."})
+    lr_scheduler_type: str = field(default="inverse_sqrt", metadata={"help": "inverse_sqrt is §5.3's schedule."})
+    adam_beta2: float = field(default=0.98, metadata={"help": "§5.3: 0.98."})
+    adam_epsilon: float = field(default=1e-9, metadata={"help": "§5.3: 1e-9."})
+    weight_decay: float = field(default=0.0, metadata={"help": "The paper uses none."})
+    label_smoothing_factor: float = field(default=0.1, metadata={"help": "§5.4: epsilon_ls = 0.1."})
+    predict_with_generate: bool = field(default=True, metadata={"help": "Score BLEU on generated text."})
+    logging_steps: float = field(default=100, metadata={"help": "Log every N steps."})
+    save_steps: float = field(default=1000, metadata={"help": "Checkpoint every N steps."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow writing into a non-empty output_dir (transformers 5 dropped this)."}
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "A checkpoint to resume from; with no value, the last one in output_dir.",
+            "nargs": "?",
+            "const": "last",
+        },
+    )
+
+
+# ----------------------------------------------------------------------------------------------- arguments
+
+
+def parse_args(argv: list[str] | None = None):
+    """Flags, or one JSON/YAML file, into the three argument groups, with the demo recipe where it applies."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, PaperTrainingArguments))
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        loader = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
+        model_args, data_args, training_args = loader(os.path.abspath(argv[0]))
+        explicit = set(_read_config_keys(argv[0]))
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+        explicit = {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
+    uses_embedded_corpus = not (data_args.dataset_name or data_args.train_file or model_args.model_name_or_path)
+    if uses_embedded_corpus:
+        for key, value in DEMO_RECIPE.items():
+            if key not in explicit:
+                for group in (model_args, data_args, training_args):
+                    if hasattr(group, key):
+                        setattr(group, key, value)
+    if data_args.max_tokens == 0:
+        data_args.max_tokens = None
+    return model_args, data_args, training_args
+
+
+def _read_config_keys(path: str) -> list[str]:
+    text = Path(path).read_text(encoding="utf-8")
+    if path.endswith(".json"):
+        return list(json.loads(text))
+    import yaml  # a dependency of transformers' parse_yaml_file
+
+    return list(yaml.safe_load(text))
+
+
+def check_output_dir(training_args: PaperTrainingArguments) -> None:
+    """Never overwrite a non-empty output folder by accident; resuming is always allowed."""
+    out = Path(training_args.output_dir)
+    if not training_args.do_train or training_args.resume_from_checkpoint or training_args.overwrite_output_dir:
+        return
+    if out.is_dir() and any(out.iterdir()):
+        raise ValueError(
+            f"Output directory {out} exists and is not empty. Pass --overwrite_output_dir to train into it anyway, "
+            "--resume_from_checkpoint to continue its last checkpoint, or another --output_dir."
+        )
+
+
+def resolve_checkpoint(training_args: PaperTrainingArguments) -> str | None:
+    """`--resume_from_checkpoint` with no value means the last checkpoint in output_dir."""
+    value = training_args.resume_from_checkpoint
+    if value not in ("last", "True", "true"):
+        return value
+    last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+    if last is None:
+        raise ValueError(f"--resume_from_checkpoint: no checkpoint-* folder in {training_args.output_dir}.")
+    return last
+
+
+# ----------------------------------------------------------------------------------------------- model and data
+
+
+def load_tokenizer(model_args: ModelArguments, raw: datasets.DatasetDict, data_args: DataTrainingArguments):
+    """The given tokenizer, the checkpoint's, or a shared BPE trained on the training split's two sides (§5.1)."""
+    name = model_args.tokenizer_name or model_args.model_name_or_path
+    if name:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
+    pairs = raw["train"]["translation"]
+    texts = (pair[lang] for pair in pairs for lang in (data_args.source_lang, data_args.target_lang))
+    started = time.perf_counter()
+    tokenizer = train_tokenizer(texts, vocab_size=model_args.vocab_size)
+    logger.info("Trained a shared BPE vocabulary of %d tokens in %.1f s", len(tokenizer), time.perf_counter() - started)
+    return tokenizer
+
+
+def build_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase):
+    """Fine-tune a checkpoint, or build a new model from a preset sized to the tokenizer."""
+    if model_args.model_name_or_path:
+        return AutoModelForSeq2SeqLM.from_pretrained(
+            model_args.model_name_or_path,
+            attn_implementation=model_args.attn_implementation,
+            trust_remote_code=model_args.trust_remote_code,
+        )
+    overrides = _parse_overrides(model_args.config_overrides)
+    special = {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "decoder_start_token_id": tokenizer.bos_token_id,
+    }
+    config = VanillaTransformerConfig.from_preset(model_args.config_name, **{**special, **overrides})
+    config._attn_implementation = model_args.attn_implementation
+    return VanillaTransformerForConditionalGeneration(config)
+
+
+def _parse_overrides(text: str | None) -> dict[str, Any]:
+    """'d_model=256,dropout=0.2' -> {'d_model': 256, 'dropout': 0.2}, typed by the config's field defaults."""
+    if not text:
+        return {}
+    defaults = VanillaTransformerConfig().to_dict()
+    overrides = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in defaults:
+            raise ValueError(f"--config_overrides: {item!r} is not 'field=value' for a VanillaTransformerConfig field.")
+        default = defaults[key]
+        if isinstance(default, bool):
+            overrides[key] = value.strip().lower() in ("1", "true", "yes")
+        elif isinstance(default, (int, float)) and default is not None:
+            overrides[key] = type(default)(float(value)) if isinstance(default, int) else float(value)
+        else:
+            overrides[key] = value.strip()
+    return overrides
+
+
+def prepare_datasets(raw, tokenizer, data_args: DataTrainingArguments) -> datasets.DatasetDict:
+    limits = {
+        "train": data_args.max_train_samples,
+        "validation": data_args.max_eval_samples,
+        "test": data_args.max_predict_samples,
+    }
+    raw = datasets.DatasetDict(
+        {split: ds.select(range(min(len(ds), limits.get(split) or len(ds)))) for split, ds in raw.items()}
+    )
+    tokenized = tokenize_dataset(
+        raw,
+        tokenizer,
+        data_args.source_lang,
+        data_args.target_lang,
+        data_args.max_source_length,
+        data_args.max_target_length,
+        num_proc=data_args.preprocessing_num_workers,
+    )
+    return raw, tokenized
+
+
+def build_trainer(model, tokenizer, tokenized, training_args, data_args) -> Seq2SeqTrainer:
+    """Seq2SeqTrainer, with token-based batches when `max_tokens` is set (§5.1)."""
+    collator = DataCollatorForSeq2Seq(tokenizer, model=model)  # pads, labels -> -100, decoder_input_ids
+    kwargs = {
+        "model": model,
+        "args": training_args,
+        "train_dataset": tokenized.get("train"),
+        "eval_dataset": tokenized.get("validation"),
+        "data_collator": collator,
+        "processing_class": tokenizer,
+        "compute_metrics": build_compute_metrics(tokenizer),
+        "callbacks": [SaveOnSignal()],
+    }
+    if data_args.max_tokens:
+        return TokenBatchSeq2SeqTrainer(max_tokens=data_args.max_tokens, **kwargs)
+    return Seq2SeqTrainer(**kwargs)
+
+
+def paper_learning_rate(d_model: int, warmup_steps: float) -> float:
+    """§5.3: lrate = d_model^-0.5 * min(step^-0.5, step * warmup^-1.5) peaks at step = warmup with this value;
+    transformers' inverse_sqrt schedule is exactly that formula divided by its peak."""
+    return d_model**-0.5 * max(warmup_steps, 1) ** -0.5
+
+
+class SaveOnSignal(TrainerCallback):
+    """SIGTERM or Ctrl-C during training (what schedulers and spot instances send): save a checkpoint, then stop."""
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._request)
+
+    def _request(self, signum, frame) -> None:
+        self.requested = signum
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested is not None:
+            control.should_save = True
+            control.should_training_stop = True
+            logger.warning(
+                "Received %s: saving checkpoint-%d in %s and stopping. Resume with --resume_from_checkpoint.",
+                signal.Signals(self.requested).name,
+                state.global_step,
+                args.output_dir,
+            )
+        return control
+
+
+# ----------------------------------------------------------------------------------------------- after training
+
+
+def average_checkpoints(output_dir: str, last_k: int) -> dict[str, torch.Tensor]:
+    """The element-wise mean of the weights in the last `last_k` checkpoint-* folders (§6.1)."""
+    folders = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))[-last_k:]
+    if not folders:
+        raise ValueError(f"No checkpoint-* folders in {output_dir} to average.")
+    total: dict[str, torch.Tensor] = {}
+    for folder in folders:
+        for name, tensor in load_file(str(folder / "model.safetensors")).items():
+            total[name] = total.get(name, 0) + tensor.double()
+    logger.info("Averaged %d checkpoints: %s", len(folders), ", ".join(f.name for f in folders))
+    return {name: (tensor / len(folders)).float() for name, tensor in total.items()}
+
+
+def save_final_model(trainer: Seq2SeqTrainer, card: str, pictures: list[Path]) -> None:
+    """Write the Hub-ready folder (weights, config with auto_map, code, tokenizer, generation config, card, plots)
+    into a temporary folder first, then move each file into output_dir: never a half-written final model."""
+    out = Path(trainer.args.output_dir)
+    staging = out / ".final-model-staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(str(staging))
+    (staging / "README.md").write_text(card, encoding="utf-8")
+    for picture in pictures:
+        shutil.copy(picture, staging / picture.name)
+    for item in staging.iterdir():
+        os.replace(item, out / item.name)
+    staging.rmdir()
+
+
+def plot_learning_curve(log_history: list[dict], path: Path) -> Path | None:
+    """Training loss and validation BLEU over steps, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    losses = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+    bleus = [(e["step"], e["eval_bleu"]) for e in log_history if "eval_bleu" in e]
+    if not losses:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*losses, strict=True), color="tab:blue", label="training loss (label-smoothed)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss", color="tab:blue")
+    if bleus:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*bleus, strict=True), "o-", color="tab:red", label="validation BLEU")
+        ax2.set_ylabel("BLEU", color="tab:red")
+    ax.set_title("Learning curve")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_cross_attention(model, tokenizer, source: str, path: Path) -> Path:
+    """Cross-attention of the last decoder layer, one panel per head, for the model's own translation of `source`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model.eval()
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # only eager attention returns its weights
+    try:
+        inputs = tokenizer(source, return_tensors="pt").to(model.device)
+        with torch.no_grad():
+            output_ids = model.generate(**inputs, num_beams=1)
+            out = model(**inputs, decoder_input_ids=output_ids[:, :-1], output_attentions=True)
+    finally:
+        model.set_attn_implementation(previous)
+    weights = out.cross_attentions[-1][0].float().cpu()  # (H, T, S)
+    src_tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
+    tgt_tokens = tokenizer.convert_ids_to_tokens(output_ids[0, 1:])
+    heads = weights.shape[0]
+    cols = min(heads, 4)
+    rows = math.ceil(heads / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+    for h, ax in enumerate(axes.flat):
+        if h >= heads:
+            ax.axis("off")
+            continue
+        ax.imshow(weights[h], cmap="viridis", aspect="auto")
+        ax.set_title(f"head {h + 1}")
+        ax.set_xticks(range(len(src_tokens)), [t.lstrip("Ġ") for t in src_tokens], rotation=90, fontsize=6)
+        ax.set_yticks(range(len(tgt_tokens)), [t.lstrip("Ġ") for t in tgt_tokens], fontsize=6)
+    fig.suptitle("Cross-attention, last decoder layer (rows: output tokens, columns: source tokens)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def card_values(model, tokenizer, training_args, model_args, data_args, metrics, raw, train_result) -> dict:
+    config = model.config
+    generation = model.generation_config
+    repo_id = training_args.hub_model_id or str(Path(training_args.output_dir).resolve())
+    dataset_id = (
+        data_args.dataset_name if data_args.dataset_name and not os.path.isdir(data_args.dataset_name) else None
+    )
+    if data_args.dataset_name:
+        data = f"`{data_args.dataset_name}` ({data_args.dataset_config_name or 'default config'})"
+    elif data_args.train_file:
+        data = f"local files (`{data_args.train_file}`)"
+    else:
+        data = "the embedded synthetic corpus of hf-vanilla-transformer (`hf_vanilla_transformer.corpus`, seed "
+        data += f"{data_args.corpus_seed}): a verb-final target language with case and agreement morphology"
+    sizes = ", ".join(f"{split} {len(ds)}" for split, ds in raw.items())
+    heads = config.encoder_attention_heads
+    return {
+        "model_name": Path(repo_id).name,
+        "repo_id": repo_id,
+        "source_lang": data_args.source_lang,
+        "target_lang": data_args.target_lang,
+        "dataset_id": dataset_id,
+        "dataset_name": data_args.dataset_name or "embedded synthetic corpus",
+        "dataset_type": dataset_id or "synthetic",
+        "encoder_layers": config.encoder_layers,
+        "decoder_layers": config.decoder_layers,
+        "d_model": config.d_model,
+        "ffn_dim": config.encoder_ffn_dim,
+        "heads": heads,
+        "position_embedding_type": config.position_embedding_type,
+        "vocab_size": config.vocab_size,
+        "dropout": config.dropout,
+        "num_parameters": f"{model.num_parameters() / 1e6:.1f}M",
+        "data_description": f"{data}; sentence pairs: {sizes}.",
+        "adam_beta1": training_args.adam_beta1,
+        "adam_beta2": training_args.adam_beta2,
+        "adam_epsilon": training_args.adam_epsilon,
+        "warmup_steps": int(training_args.warmup_steps),
+        "learning_rate": f"{training_args.learning_rate:.3g}",
+        "label_smoothing": training_args.label_smoothing_factor,
+        "train_steps": train_result.global_step if train_result else "no",
+        "num_processes": training_args.world_size,
+        "batching": f", batches of about {data_args.max_tokens} tokens" if data_args.max_tokens else "",
+        "train_runtime": f"{train_result.metrics['train_runtime']:.0f} s" if train_result else "no time (no training)",
+        "averaged_checkpoints": model_args.checkpoint_average or None,
+        "num_beams": generation.num_beams,
+        "length_penalty": generation.length_penalty,
+        "max_length_offset": getattr(generation, "max_length_offset", 50),
+        "eval_bleu": _fmt(metrics.get("eval_bleu")),
+        "eval_samples": metrics.get("eval_samples"),
+        "test_bleu": _fmt(metrics.get("predict_bleu")),
+        "test_samples": metrics.get("predict_samples"),
+        "example_source": raw["test" if "test" in raw else "train"][0]["translation"][data_args.source_lang],
+    }
+
+
+def _fmt(value: float | None) -> str | None:
+    return None if value is None else f"{value:.2f}"
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    model_args, data_args, training_args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
+        training_args.do_train = training_args.do_eval = training_args.do_predict = True
+    check_output_dir(training_args)
+    resume = resolve_checkpoint(training_args)
+    set_seed(training_args.seed)
+
+    raw = load_translation_dataset(
+        data_args.dataset_name,
+        data_args.dataset_config_name,
+        data_args.train_file,
+        data_args.validation_file,
+        data_args.test_file,
+        data_args.source_lang,
+        data_args.target_lang,
+        seed=data_args.corpus_seed,
+    )
+    tokenizer = load_tokenizer(model_args, raw, data_args)
+    model = build_model(model_args, tokenizer)
+    if training_args.learning_rate is None:
+        training_args.learning_rate = paper_learning_rate(model.config.d_model, training_args.warmup_steps)
+    raw, tokenized = prepare_datasets(raw, tokenizer, data_args)
+    trainer = build_trainer(model, tokenizer, tokenized, training_args, data_args)
+    logger.info(
+        "Training %s (%.1fM parameters) on %d process(es), peak learning rate %.3g, warm-up %d steps",
+        type(model).__name__,
+        model.num_parameters() / 1e6,
+        training_args.world_size,
+        training_args.learning_rate,
+        training_args.warmup_steps,
+    )
+
+    metrics: dict[str, float] = {}
+    train_result = None
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=resume)
+        metrics.update(train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        trainer.save_state()
+        if model_args.checkpoint_average > 1 and trainer.is_world_process_zero():
+            trainer.model.load_state_dict(
+                average_checkpoints(training_args.output_dir, model_args.checkpoint_average), strict=False
+            )
+    final_generation = {"num_beams": model.generation_config.num_beams}  # the paper's beam 4 for the final scores
+    if training_args.do_eval and "validation" in tokenized:
+        eval_metrics = trainer.evaluate(metric_key_prefix="eval", **final_generation)
+        eval_metrics["eval_samples"] = len(tokenized["validation"])
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    if training_args.do_predict and "test" in tokenized:
+        predictions = trainer.predict(tokenized["test"], metric_key_prefix="predict", **final_generation)
+        predict_metrics = {**predictions.metrics, "predict_samples": len(tokenized["test"])}
+        trainer.save_metrics("predict", predict_metrics)
+        metrics.update(predict_metrics)
+        if trainer.is_world_process_zero():
+            log_examples(raw["test"], decode(tokenizer, predictions.predictions.clip(min=0)), data_args)
+    if trainer.is_world_process_zero():
+        finish(trainer, tokenizer, model_args, data_args, training_args, metrics, raw, train_result)
+    return metrics
+
+
+def log_examples(raw_test, hypotheses: list[str], data_args: DataTrainingArguments, count: int = 3) -> None:
+    for pair, hypothesis in list(zip(raw_test["translation"], hypotheses, strict=False))[:count]:
+        logger.info(
+            "Example\n  source:    %s\n  reference: %s\n  output:    %s",
+            pair[data_args.source_lang],
+            pair[data_args.target_lang],
+            hypothesis,
+        )
+
+
+def finish(trainer, tokenizer, model_args, data_args, training_args, metrics, raw, train_result) -> None:
+    out = Path(training_args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = trainer.model
+    pictures = []
+    curve = plot_learning_curve(trainer.state.log_history, out / "learning_curve.png")
+    if curve:
+        pictures.append(curve)
+    source = raw["test" if "test" in raw else "train"][0]["translation"][data_args.source_lang]
+    pictures.append(plot_cross_attention(model, tokenizer, source, out / "cross_attention.png"))
+    values = card_values(model, tokenizer, training_args, model_args, data_args, metrics, raw, train_result)
+    values["learning_curve"] = "learning_curve.png" if curve else None
+    values["attention_map"] = "cross_attention.png"
+    card = render_model_card(values, (REPO_ROOT / "model_card.md").read_text(encoding="utf-8"))
+    save_final_model(trainer, card, pictures)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(commit_message="Trained with hf-vanilla-transformer train.py")
+    bleu = metrics.get("predict_bleu", metrics.get("eval_bleu"))
+    print(f"\nModel saved in {out.resolve()}")
+    if bleu is not None:
+        print(f"BLEU ({'test' if 'predict_bleu' in metrics else 'validation'}): {bleu:.2f}")
+    example = source.replace('"', '\\"')
+    print(
+        'Translate with:\n  python -c "import hf_vanilla_transformer; from transformers import pipeline; '
+        f"print(pipeline('translation', model='{out.resolve()}')('{example}'))\""
+    )
+
+
+if __name__ == "__main__":
+    main()
