@@ -40,10 +40,8 @@ _ADPOSITIONS = (("in", "hu"), ("su", "wa"), ("ot", "he"), ("pri", "jo"), ("kon",
 _FUNCTION_WORDS = (_DEFINITE, _INDEFINITE, _RELATIVE, *_CONJUNCTIONS, *_ADPOSITIONS)
 
 # Suffixes. Number then case on xb nominals; tense then number on xb verbs.
-_XA_PLURAL, _XA_VERB = (
-    "s",
-    {("pres", "sg"): "t", ("pres", "pl"): "n", ("past", "sg"): "d", ("past", "pl"): "d"},
-)
+_XA_PLURAL = "s"
+_XA_VERB = {("pres", "sg"): "t", ("pres", "pl"): "n", ("past", "sg"): "d", ("past", "pl"): "d"}  # past: no number
 _XB_NUMBER, _XB_CASE = {"sg": "", "pl": "re"}, {"nom": "", "acc": "ma", "loc": "ti"}
 _XB_TENSE, _XB_VERB_NUMBER = {"pres": "", "past": "ka"}, {"sg": "", "pl": "ni"}
 
