@@ -76,6 +76,11 @@ DEMO_RECIPE: dict[str, Any] = {
 }
 
 
+def _has_accelerator() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
+
+
 @dataclass
 class ModelArguments:
     """Which model to train: a checkpoint to fine-tune, or a new one from a preset and overrides."""
@@ -143,6 +148,13 @@ class PaperTrainingArguments(Seq2SeqTrainingArguments):
     predict_with_generate: bool = field(default=True, metadata={"help": "Score BLEU on generated text."})
     logging_steps: float = field(default=100, metadata={"help": "Log every N steps."})
     save_steps: float = field(default=1000, metadata={"help": "Checkpoint every N steps."})
+    use_cpu: bool = field(
+        default=not _has_accelerator(),
+        metadata={"help": "Train on CPU. Default: when no GPU is present, which also makes torchrun use gloo DDP."},
+    )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "Every parameter gets a gradient: skip DDP's search for unused ones."}
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing into a non-empty output_dir (transformers 5 dropped this)."}
     )
@@ -351,6 +363,8 @@ def average_checkpoints(output_dir: str, last_k: int) -> dict[str, torch.Tensor]
     folders = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))[-last_k:]
     if not folders:
         raise ValueError(f"No checkpoint-* folders in {output_dir} to average.")
+    if len(folders) < last_k:
+        logger.warning("Asked to average %d checkpoints; %s has only %d.", last_k, output_dir, len(folders))
     total: dict[str, torch.Tensor] = {}
     for folder in folders:
         for name, tensor in load_file(str(folder / "model.safetensors")).items():
@@ -529,7 +543,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     raw, tokenized = prepare_datasets(raw, tokenizer, data_args)
     trainer = build_trainer(model, tokenizer, tokenized, training_args, data_args)
     logger.info(
-        "Training %s (%.1fM parameters) on %d process(es), peak learning rate %.3g, warm-up %d steps",
+        "Process %d of %d: training %s (%.1fM parameters) on %d process(es), peak learning rate %.3g, warm-up %d steps",
+        training_args.process_index,
+        training_args.world_size,
         type(model).__name__,
         model.num_parameters() / 1e6,
         training_args.world_size,
@@ -544,7 +560,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         metrics.update(train_result.metrics)
         trainer.save_metrics("train", train_result.metrics)
         trainer.save_state()
-        if model_args.checkpoint_average > 1 and trainer.is_world_process_zero():
+        if model_args.checkpoint_average > 1:  # on every process, so that all evaluate the same weights
             trainer.model.load_state_dict(
                 average_checkpoints(training_args.output_dir, model_args.checkpoint_average), strict=False
             )

@@ -1,0 +1,169 @@
+"""train.py: its arguments and recipe, the schedule of §5.3, checkpoint averaging, and real runs end to end
+(one process, resumed, two processes) in fresh subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, get_scheduler
+
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+# A run small enough for CI: tiny model, 2000 pairs, a 600-token vocabulary, token batches of 1024.
+TINY_RUN = [
+    "--config_name", "tiny", "--vocab_size", "600", "--max_train_samples", "2000", "--max_eval_samples", "16",
+    "--max_predict_samples", "16", "--max_tokens", "1024", "--warmup_steps", "10", "--logging_steps", "5",
+    "--eval_steps", "10", "--save_steps", "10", "--seed", "3",
+]  # fmt: skip
+
+
+def run_train(args: list[str], launcher: list[str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    command = [*(launcher or [sys.executable]), str(ROOT / "train.py"), *args]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- arguments
+
+
+def test_defaults_are_the_papers_recipe():
+    model_args, data_args, args = train.parse_args(["--dataset_name", "wmt14", "--dataset_config_name", "de-en"])
+    assert (args.adam_beta1, args.adam_beta2, args.adam_epsilon) == (0.9, 0.98, 1e-9)
+    assert args.label_smoothing_factor == 0.1 and args.warmup_steps == 4000
+    assert args.lr_scheduler_type == "inverse_sqrt" and args.predict_with_generate
+    assert model_args.config_name == "base" and data_args.max_tokens == 25000 and model_args.vocab_size == 37000
+    assert args.learning_rate is None  # resolved from d_model and warm-up once the model exists
+    assert train.paper_learning_rate(512, 4000) == pytest.approx(6.988e-4, rel=1e-3)
+
+
+def test_demo_recipe_applies_only_without_data_and_only_to_unset_flags():
+    model_args, data_args, args = train.parse_args(["--max_steps", "7"])
+    assert model_args.config_name == train.DEMO_RECIPE["config_name"]
+    assert data_args.max_tokens == train.DEMO_RECIPE["max_tokens"]
+    assert args.warmup_steps == train.DEMO_RECIPE["warmup_steps"] and args.max_steps == 7
+    model_args, _, _ = train.parse_args(["--train_file", "x.jsonl"])
+    assert model_args.config_name == "base"
+
+
+def test_a_json_config_file_is_accepted(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"output_dir": str(tmp_path / "o"), "max_steps": 9, "config_name": "big"}))
+    model_args, _, args = train.parse_args([str(path)])
+    assert args.max_steps == 9 and model_args.config_name == "big"
+
+
+def test_config_overrides_are_typed_and_checked():
+    assert train._parse_overrides("d_model=96,dropout=0.2,normalize_before=true") == {
+        "d_model": 96,
+        "dropout": 0.2,
+        "normalize_before": True,
+    }
+    with pytest.raises(ValueError, match="colour"):
+        train._parse_overrides("colour=blue")
+
+
+def test_a_non_empty_output_dir_is_not_overwritten(tmp_path):
+    (tmp_path / "precious.txt").write_text("do not lose me")
+    _, _, args = train.parse_args(["--output_dir", str(tmp_path), "--do_train"])
+    with pytest.raises(ValueError, match="not empty"):
+        train.check_output_dir(args)
+    _, _, args = train.parse_args(["--output_dir", str(tmp_path), "--do_train", "--overwrite_output_dir"])
+    train.check_output_dir(args)
+    _, _, args = train.parse_args(["--output_dir", str(tmp_path), "--do_train", "--resume_from_checkpoint"])
+    train.check_output_dir(args)  # resuming is never blocked
+    with pytest.raises(ValueError, match="no checkpoint"):
+        train.resolve_checkpoint(args)
+
+
+# ----------------------------------------------------------------------------------------------- §5.3, §6.1
+
+
+@pytest.mark.parametrize(("d_model", "warmup"), [(512, 4000), (256, 400)])
+def test_learning_rate_schedule_is_the_papers_formula(d_model, warmup):
+    """lrate = d_model^-0.5 * min(step^-0.5, step * warmup^-1.5) (§5.3) at every step."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([param], lr=train.paper_learning_rate(d_model, warmup))
+    scheduler = get_scheduler("inverse_sqrt", optimizer, num_warmup_steps=warmup)
+    for step in range(1, 5 * warmup + 1):
+        optimizer.step()
+        scheduler.step()
+        if step in (1, warmup // 2, warmup - 1, warmup, warmup + 1, 2 * warmup, 5 * warmup):
+            expected = d_model**-0.5 * min(step**-0.5, step * warmup**-1.5)
+            assert scheduler.get_last_lr()[0] == pytest.approx(expected, rel=1e-9), step
+
+
+def test_checkpoint_average_is_exact(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    weights = []
+    for step in (5, 10, 15, 20):  # checkpoint-5 sorts after checkpoint-20 as text: order must be numeric
+        tensors = {"a": torch.randn(3, 4, generator=g), "b": torch.randn(7, generator=g)}
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        save_file(tensors, str(tmp_path / f"checkpoint-{step}" / "model.safetensors"))
+        weights.append(tensors)
+    averaged = train.average_checkpoints(str(tmp_path), 3)
+    for name in ("a", "b"):
+        expected = ((weights[1][name].double() + weights[2][name].double() + weights[3][name].double()) / 3).float()
+        assert torch.equal(averaged[name], expected)
+    with pytest.raises(ValueError, match="No checkpoint"):
+        train.average_checkpoints(str(tmp_path / "empty"), 2)
+
+
+# ----------------------------------------------------------------------------------------------- real runs
+
+
+@pytest.mark.slow
+def test_end_to_end_run_writes_a_loadable_hub_ready_model(tmp_path):
+    out = tmp_path / "run"
+    result = run_train([*TINY_RUN, "--max_steps", "20", "--checkpoint_average", "2", "--output_dir", str(out)])
+    log = result.stdout + result.stderr
+    assert "on 1 process(es)" in log and "Averaged 2 checkpoints: checkpoint-10, checkpoint-20" in log
+    assert "BLEU (test):" in result.stdout and "Translate with:" in result.stdout
+    results = json.loads((out / "all_results.json").read_text())
+    assert {"eval_bleu", "predict_bleu", "train_loss"} <= set(results)
+    assert json.loads((out / "eval_results.json").read_text())["eval_samples"] == 16
+    files = {p.name for p in out.iterdir()}
+    expected = {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md"}
+    assert expected | {"modeling_vanilla_transformer.py", "learning_curve.png", "cross_attention.png"} <= files
+    assert not (out / ".final-model-staging").exists()
+    assert "auto_map" in json.loads((out / "config.json").read_text())
+    card = (out / "README.md").read_text()
+    assert f"value: {results['predict_bleu']:.2f}" in card and "{{" not in card and "20 steps" in card
+    model = AutoModelForSeq2SeqLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.vocab_size == len(tokenizer)
+    assert model.generate(**tokenizer("nu figi ke fomet", return_tensors="pt"), max_new_tokens=3).shape[1] <= 4
+
+
+@pytest.mark.slow
+def test_resume_from_the_last_checkpoint_ends_with_the_same_weights(tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    common = [*TINY_RUN, "--max_steps", "20", "--do_train"]
+    run_train([*common, "--output_dir", str(full)])
+    resumed.mkdir()
+    os.system(f"cp -r {full / 'checkpoint-10'} {resumed}")
+    result = run_train([*common, "--output_dir", str(resumed), "--resume_from_checkpoint"])
+    assert "checkpoint-10" in result.stdout + result.stderr
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_run(tmp_path):
+    out = tmp_path / "ddp"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
+    result = run_train([*TINY_RUN, "--max_steps", "6", "--do_train", "--output_dir", str(out)], launcher=launcher)
+    log = result.stdout + result.stderr
+    assert "Process 0 of 2: training" in log and "Process 1 of 2: training" in log
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+    assert (out / "model.safetensors").exists()
