@@ -158,28 +158,30 @@ def _pair(record: dict, source_lang: str, target_lang: str, where: str) -> tuple
 
 def _normalise(ds: datasets.Dataset, source_lang: str, target_lang: str, origin: str) -> datasets.Dataset:
     """Reduce a split to ``translation: {source_lang, target_lang}`` and drop pairs with an empty side."""
-    if "translation" in ds.column_names:
+    nested = "translation" in ds.column_names  # WMT14 style; otherwise one column per language (CSV style)
+    if nested:
         languages = _translation_languages(ds.features["translation"])
-        get = lambda batch, lang: [t.get(lang) if t else None for t in batch["translation"]]  # noqa: E731
-    elif source_lang in ds.column_names and target_lang in ds.column_names:
-        languages = [source_lang, target_lang]
-        get = lambda batch, lang: batch[lang]  # noqa: E731
-    else:
+        for lang in (source_lang, target_lang):
+            if lang not in languages:
+                raise ValueError(f"{origin}: missing language {lang!r} in field 'translation' (has {languages})")
+    elif not {source_lang, target_lang} <= set(ds.column_names):
         raise ValueError(f"{origin}: no 'translation' column and no columns {source_lang!r}/{target_lang!r}")
-    for lang in (source_lang, target_lang):
-        if lang not in languages:
-            raise ValueError(f"{origin}: missing language {lang!r} in field 'translation' (has {languages})")
 
     def to_pairs(batch: dict) -> dict:
-        pairs = zip(get(batch, source_lang), get(batch, target_lang), strict=True)
+        if nested:
+            rows = [row or {} for row in batch["translation"]]
+            sources, targets = [row.get(source_lang) for row in rows], [row.get(target_lang) for row in rows]
+        else:
+            sources, targets = batch[source_lang], batch[target_lang]
+        pairs = zip(sources, targets, strict=True)
         return {"translation": [{source_lang: s or "", target_lang: t or ""} for s, t in pairs]}
+
+    def non_empty(batch: dict) -> list[bool]:
+        return [bool(t[source_lang].strip() and t[target_lang].strip()) for t in batch["translation"]]
 
     ds = ds.map(to_pairs, batched=True, remove_columns=ds.column_names, desc=f"normalising {origin}")
     before = len(ds)
-    ds = ds.filter(
-        lambda batch: [bool(t[source_lang].strip() and t[target_lang].strip()) for t in batch["translation"]],
-        batched=True,
-    )
+    ds = ds.filter(non_empty, batched=True)
     if len(ds) < before:
         logger.warning("%s: dropped %d of %d pairs with an empty sentence", origin, before - len(ds), before)
     return ds

@@ -99,6 +99,15 @@ def test_saved_wmt14_style_dataset_with_translation_feature_and_columns(tmp_path
         load_translation_dataset(dataset_name=str(tmp_path / "wmt"), source_lang="en", target_lang="fr")
 
 
+def test_saved_dataset_with_one_column_per_language(tmp_path):
+    records = {"id": [0, 1, 2], "de": [t for _, t in PAIRS], "en": [s for s, _ in PAIRS]}
+    datasets.Dataset.from_dict(records).save_to_disk(tmp_path / "columns")
+    ds = load_translation_dataset(dataset_name=str(tmp_path / "columns"), source_lang="en", target_lang="de")
+    assert pairs_of(ds["train"]) == PAIRS and ds["train"].column_names == ["translation"]
+    with pytest.raises(ValueError, match="no 'translation' column and no columns 'en'/'fr'"):
+        load_translation_dataset(dataset_name=str(tmp_path / "columns"), source_lang="en", target_lang="fr")
+
+
 def test_hub_name_goes_to_load_dataset(monkeypatch):
     """No network in tests: check that a Hub name and config reach `datasets.load_dataset` and are normalised."""
     calls = []
