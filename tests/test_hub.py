@@ -493,7 +493,7 @@ def test_a_config_whose_widths_do_not_match_the_weights_fails(saved, tmp_path):
 def test_a_width_mismatch_error_names_the_parameter_and_shapes(saved, tmp_path):
     folder = copy_checkpoint(saved, tmp_path)
     edit_config(folder, d_model=15)
-    with pytest.raises((RuntimeError, ValueError), match=r"model\.shared\.weight.*\(\d+, 12\).*\(\d+, 15\)"):
+    with pytest.raises((RuntimeError, ValueError), match=r"embed_tokens\.weight\D*\d+, 12\D*\d+, 15"):
         AutoModelForSeq2SeqLM.from_pretrained(folder)
 
 
