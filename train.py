@@ -608,6 +608,8 @@ def finish(trainer, tokenizer, model_args, data_args, training_args, metrics, ra
     card = render_model_card(values, (REPO_ROOT / "model_card.md").read_text(encoding="utf-8"))
     save_final_model(trainer, card, pictures)
     if training_args.push_to_hub:
+        # Trainer.push_to_hub would first overwrite README.md with transformers' generic card; ours is the real one.
+        trainer.create_model_card = lambda *args, **kwargs: None
         trainer.push_to_hub(commit_message="Trained with hf-vanilla-transformer train.py")
     bleu = metrics.get("predict_bleu", metrics.get("eval_bleu"))
     print(f"\nModel saved in {out.resolve()}")

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -360,6 +361,31 @@ class VanillaTransformerPreTrainedModel(PreTrainedModel):
     # it would otherwise skip dividing by gradient-accumulation steps).
     accepts_loss_kwargs = False
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """`PreTrainedModel.from_pretrained`, made strict: weights only from safetensors (never unpickled from
+        `pytorch_model.bin`), and a config that does not match the weights is an error naming the parameters,
+        not a logged report beside a half-random model."""
+        kwargs.setdefault("use_safetensors", True)
+        want_info = kwargs.pop("output_loading_info", False)
+        where = pretrained_model_name_or_path
+        try:
+            model, info = super().from_pretrained(where, *args, output_loading_info=True, **kwargs)
+        except SafetensorError as error:
+            raise OSError(
+                f"Cannot read the weights in {where}: model.safetensors is damaged or truncated ({error})."
+            ) from error
+        except RuntimeError as error:
+            if "ignore_mismatched_sizes" not in str(error):
+                raise
+            _, info = super().from_pretrained(
+                where, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+            )
+            raise ValueError(f"The config in {where} does not match its weights: {_describe(info)}") from None
+        if not kwargs.get("ignore_mismatched_sizes") and _describe(info):
+            raise ValueError(f"The config in {where} does not match its weights: {_describe(info)}")
+        return (model, info) if want_info else model
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.init_std or self.config.d_model**-0.5
@@ -377,6 +403,20 @@ class VanillaTransformerPreTrainedModel(PreTrainedModel):
         elif isinstance(module, VanillaTransformerSinusoidalPositionalEncoding):
             # from_pretrained builds on the meta device and leaves non-persistent buffers empty: refill it here.
             init.copy_(module.pe, sinusoidal_table(module.num_positions, module.dim))
+
+
+def _describe(info: dict[str, Any]) -> str:
+    """The missing, unexpected and wrongly shaped weights of a loading report, or "" if it is clean."""
+    parts = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(
+            f"{key[0]} (checkpoint {tuple(key[1])}, config {tuple(key[2])})" if isinstance(key, tuple) else str(key)
+            for key in info.get(kind) or []
+        )
+        if keys:
+            shown = ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+            parts.append(f"{kind.replace('_', ' ')}: {shown}")
+    return "; ".join(parts)
 
 
 def _check_token_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
