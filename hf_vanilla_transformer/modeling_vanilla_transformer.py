@@ -640,7 +640,8 @@ class VanillaTransformerModel(VanillaTransformerPreTrainedModel):
             encoder_outputs (`BaseModelOutput`, *optional*): a precomputed encoder output (generate() passes it).
             past_key_values (`EncoderDecoderCache`, *optional*): the decoding cache.
         """
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if use_cache is None:  # a training forward (Trainer passes decoder_input_ids, no labels) caches nothing
+            use_cache = self.config.use_cache and not self.training
         if output_attentions and self.config._attn_implementation != "eager":
             raise ValueError(
                 f"output_attentions=True needs the eager attention implementation, not "
