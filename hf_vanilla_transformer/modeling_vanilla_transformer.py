@@ -778,7 +778,10 @@ class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedMod
         """`GenerationMixin.generate`, plus the per-input length rule of §6.1 (see `paper_generation_config`).
 
         The rule applies when the generation config has `max_length_offset` and the caller set neither
-        `max_length` nor `max_new_tokens` (as arguments or in a `generation_config` they pass).
+        `max_length` nor `max_new_tokens`, as arguments or in a `generation_config` they pass. The model's own
+        `generation_config.max_length` does not count: transformers writes its default (20) there on its own
+        (Seq2SeqTrainer does, for one), so only `max_new_tokens` there, or `max_length_offset = None`, replaces
+        the rule with a fixed cap.
         """
         config = generation_config if generation_config is not None else self.generation_config
         offset = getattr(config, "max_length_offset", None)
@@ -786,7 +789,7 @@ class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedMod
             kwargs.get("max_length") is not None
             or kwargs.get("max_new_tokens") is not None
             or config.max_new_tokens is not None
-            or config.max_length != GenerationConfig().max_length
+            or (generation_config is not None and generation_config.max_length is not None)
         )
         if offset is not None and not caller_set_length:
             limits = self._source_lengths(inputs, kwargs) + offset

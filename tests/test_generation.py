@@ -114,6 +114,17 @@ def test_output_length_is_input_length_plus_50_per_input(num_beams):
         assert _trimmed(out[row]) == [1] + [token] * (limit - 1) + [EOS]  # start, then exactly `limit` tokens
 
 
+def test_the_rule_survives_a_generation_config_that_transformers_filled_with_max_length_20(tmp_path):
+    """Seq2SeqTrainer checkpoints save the generation config with every default written out, max_length 20 too."""
+    model = _certain_model(7)
+    model.generation_config.max_length = 20
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
+    input_ids, attention_mask, _ = random_batch(batch=2)
+    out = loaded.generate(input_ids, attention_mask=attention_mask, num_beams=1)
+    assert len(_trimmed(out[0])) == 1 + int(attention_mask[0].sum()) + 50
+
+
 def test_the_rule_uses_non_padding_ids_when_no_mask_is_given():
     model = _certain_model(9)
     input_ids = torch.tensor([[5, 6, 7, 8, EOS], [5, 6, EOS, PAD, PAD]])
