@@ -58,21 +58,27 @@ from hf_vanilla_transformer.tokenization import train_tokenizer
 logger = logging.getLogger("train")
 REPO_ROOT = Path(__file__).resolve().parent
 
-# The paper's recipe shrunk to 2 CPU cores and about six minutes; applied only when no dataset is given, and only to
-# the settings the user did not set. The schedule keeps the paper's formula; only warm-up and length shrink.
+# The paper's recipe shrunk to 2 CPU cores and about six minutes of training; applied only when no dataset is given,
+# and only to the settings the user did not set. The schedule keeps the paper's shape (linear warm-up, then
+# inverse square root); the model is smaller, warm-up and training shorter, and the peak learning rate is set
+# directly, because d_model^-0.5 * warmup^-0.5 with 200 warm-up steps would be 6e-3. Dropout is off: the synthetic
+# corpus has no noise to overfit, and the run is short. Validation uses 200 sentences (greedy during training, beam 4
+# at the end); the test score uses the paper's beam 4 on all 1,000 test sentences.
 DEMO_RECIPE: dict[str, Any] = {
-    "config_name": "small",
-    "vocab_size": 8000,
-    "max_tokens": 4096,
-    "max_steps": 1200,
-    "warmup_steps": 400,
+    "config_name": "tiny",
+    "config_overrides": "d_model=128,encoder_ffn_dim=512,decoder_ffn_dim=512,dropout=0.0",
+    "vocab_size": 4000,
+    "max_tokens": 3000,
+    "max_steps": 1000,
+    "warmup_steps": 200,
+    "learning_rate": 3e-3,
     "eval_strategy": "steps",
-    "eval_steps": 300,
-    "save_steps": 300,
+    "eval_steps": 250,
+    "save_steps": 250,
     "logging_steps": 25,
     "max_eval_samples": 200,
-    "generation_num_beams": 1,  # quick greedy BLEU during training; the final test uses the paper's beam 4
-    "checkpoint_average": 2,
+    "per_device_eval_batch_size": 64,
+    "generation_num_beams": 1,
 }
 
 

@@ -799,6 +799,7 @@ class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedMod
                 [*(logits_processor or []), SourceLengthLimitLogitsProcessor(limits, eos)]
             )
             kwargs["max_new_tokens"] = int(limits.max())
+            kwargs["max_length"] = None  # a max_length left in the config would only draw a warning
         return super().generate(inputs, generation_config, logits_processor, **kwargs)
 
     def _source_lengths(self, inputs: torch.Tensor | None, kwargs: dict[str, Any]) -> torch.Tensor:
