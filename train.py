@@ -562,6 +562,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     metrics: dict[str, float] = {}
     train_result = None
     if training_args.do_train:
+        if resume:
+            logger.info("Resuming training from %s", resume)
         train_result = trainer.train(resume_from_checkpoint=resume)
         metrics.update(train_result.metrics)
         trainer.save_metrics("train", train_result.metrics)

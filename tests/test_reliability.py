@@ -16,7 +16,7 @@ from conftest import PAD, VOCAB, random_batch, tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
-from test_train import ROOT, TINY_RUN, run_train
+from test_train import ROOT, TINY_RUN, resumed_from, run_train
 
 # ----------------------------------------------------------------------------------------------- numerics
 
@@ -160,7 +160,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(reference_run, tm
     process.wait()
     resume = ["--resume_from_checkpoint", str(out / "checkpoint-10")]
     result = run_train([*TINY_RUN, "--max_steps", "20", "--do_train", "--output_dir", str(out), *resume])
-    assert "checkpoint-10" in result.stdout + result.stderr
+    assert resumed_from(result.stderr) == str(out / "checkpoint-10")
     assert _same(_weights(reference_run), _weights(out))
 
 
