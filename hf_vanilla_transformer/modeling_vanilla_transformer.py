@@ -814,6 +814,19 @@ class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedMod
         hidden = kwargs["encoder_outputs"].last_hidden_state  # (B, S, D)
         return torch.full((hidden.shape[0],), hidden.shape[1], device=hidden.device)
 
+    def _reorder_cache(self, past_key_values: Cache, beam_idx: torch.Tensor) -> Cache:
+        """Beam search: reorder only the decoder self-attention cache.
+
+        All beams of one input hold the same cross-attention keys and values (one encoder output, repeated), and
+        `beam_idx` only moves rows among one input's beams, so reordering those would copy identical rows: at the
+        base size with batch 16, beam 4 and 30-token sources, about 47 MB per step.
+        """
+        if isinstance(past_key_values, EncoderDecoderCache):
+            past_key_values.self_attention_cache.reorder_cache(beam_idx)
+        else:
+            past_key_values.reorder_cache(beam_idx)
+        return past_key_values
+
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Used by `DataCollatorForSeq2Seq(model=...)`: Trainer's label smoothing pops `labels` before forward."""
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
