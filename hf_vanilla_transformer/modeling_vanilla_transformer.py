@@ -648,7 +648,16 @@ class VanillaTransformerModel(VanillaTransformerPreTrainedModel):
                 f"{self.config._attn_implementation!r}: call model.set_attn_implementation('eager') or load with "
                 "attn_implementation='eager'."
             )
+        # Input checks before any compute: a bad batch should not cost an encoder pass first.
+        if decoder_input_ids is None and decoder_inputs_embeds is None:
+            raise ValueError("Pass `decoder_input_ids` (or `labels`, from which they are made) to run the decoder.")
+        decoder_batch = (decoder_input_ids if decoder_input_ids is not None else decoder_inputs_embeds).shape[0]
         if encoder_outputs is None:
+            source_batch, _ = _batch_and_length(input_ids, inputs_embeds, "input_ids")
+            if source_batch != decoder_batch:
+                raise ValueError(
+                    f"Batch sizes differ: the source has {source_batch} rows, the decoder input {decoder_batch}."
+                )
             encoder_outputs = self.encoder(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -661,9 +670,6 @@ class VanillaTransformerModel(VanillaTransformerPreTrainedModel):
             encoder_outputs = BaseModelOutput(*encoder_outputs)
         encoder_hidden_states = encoder_outputs.last_hidden_state
         _check_mask("attention_mask", attention_mask, *encoder_hidden_states.shape[:2])
-        if decoder_input_ids is None and decoder_inputs_embeds is None:
-            raise ValueError("Pass `decoder_input_ids` (or `labels`, from which they are made) to run the decoder.")
-        decoder_batch = (decoder_input_ids if decoder_input_ids is not None else decoder_inputs_embeds).shape[0]
         if decoder_batch != encoder_hidden_states.shape[0]:
             raise ValueError(
                 f"Batch sizes differ: the source has {encoder_hidden_states.shape[0]} rows, the decoder input "
