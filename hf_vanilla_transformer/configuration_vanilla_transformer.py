@@ -15,6 +15,9 @@ from typing import Any
 from transformers import PretrainedConfig
 
 POSITION_EMBEDDING_TYPES = ("sinusoidal", "learned")
+# Switches for the design-choice experiments (experiments/): the defaults are the paper's.
+ATTENTION_TYPES = ("scaled_dot_product", "dot_product", "additive")
+NORM_TYPES = ("layernorm", "batchnorm")
 # §3.3 uses ReLU; the others are here because fine-tuners ask for them, not because the paper does.
 ACTIVATION_FUNCTIONS = ("relu", "gelu", "gelu_new", "silu", "swish", "tanh")
 
@@ -90,6 +93,12 @@ class VanillaTransformerConfig(PretrainedConfig):
         tie_word_embeddings (`bool`, *optional*, defaults to `True`):
             Share one matrix between the source embedding, the target embedding and the pre-softmax projection
             (§3.4). With `False` the three are separate.
+        attention_type (`str`, *optional*, defaults to `"scaled_dot_product"`):
+            The attention score (§3.2.1): `"scaled_dot_product"` (the paper's), `"dot_product"` (no 1/sqrt(d_k)) or
+            `"additive"` (Bahdanau-style, per head). For experiments; the paper uses the first.
+        norm_type (`str`, *optional*, defaults to `"layernorm"`):
+            The normalisation of each sub-layer: `"layernorm"` (the paper's) or `"batchnorm"` over the feature
+            dimension, with statistics computed over non-padding positions only. For experiments.
         normalize_before (`bool`, *optional*, defaults to `False`):
             Deviation, off by default: pre-LN sub-layers `x + Sublayer(LayerNorm(x))` with a final LayerNorm on
             each stack, which trains deep stacks without warm-up tricks. The paper is post-LN.
@@ -138,6 +147,8 @@ class VanillaTransformerConfig(PretrainedConfig):
     scale_embedding: bool = True
     tie_word_embeddings: bool = True
     normalize_before: bool = False
+    attention_type: str = "scaled_dot_product"
+    norm_type: str = "layernorm"
     layer_norm_eps: float = 1e-5
     init_std: float | None = None
     use_cache: bool = True
@@ -183,6 +194,9 @@ class VanillaTransformerConfig(PretrainedConfig):
                 f"`position_embedding_type` must be one of {POSITION_EMBEDDING_TYPES}, "
                 f"got {self.position_embedding_type!r}."
             )
+        for name, allowed in (("attention_type", ATTENTION_TYPES), ("norm_type", NORM_TYPES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"`{name}` must be one of {allowed}, got {getattr(self, name)!r}.")
         if self.activation_function not in ACTIVATION_FUNCTIONS:
             raise ValueError(
                 f"`activation_function` must be one of {ACTIVATION_FUNCTIONS}, got {self.activation_function!r}."

@@ -121,13 +121,46 @@ def scaled_dot_product_attention(
     attention weights (B, H, Tq, Tk).
     """
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # (B, H, Tq, Tk)
+    return _attend(module, scores, value, attention_mask, dropout)
+
+
+def additive_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive attention (Bahdanau et al., 2015), the alternative §3.2.1 compares against, per head:
+    score(q, k) = w^T tanh(W_q q + W_k k), with W_q, W_k of size Dh x Dh and w of size Dh for each head.
+
+    Same inputs, masks and outputs as `scaled_dot_product_attention`. It materialises a (B, H, Tq, Tk, Dh) tensor,
+    which is why the paper calls dot-product attention "much faster and more space-efficient in practice".
+    """
+    q = torch.einsum("bhqd,hde->bhqe", query, module.additive_query)  # (B, H, Tq, Dh)
+    k = torch.einsum("bhkd,hde->bhke", key, module.additive_key)  # (B, H, Tk, Dh)
+    hidden = torch.tanh(q.unsqueeze(3) + k.unsqueeze(2))  # (B, H, Tq, Tk, Dh)
+    scores = torch.einsum("bhqke,he->bhqk", hidden, module.additive_score)  # (B, H, Tq, Tk)
+    return _attend(module, scores, value, attention_mask, dropout)
+
+
+def _attend(
+    module: nn.Module, scores: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask the scores, softmax them over the keys, and take the weighted sum of the values."""
+    if attention_mask is None and module.is_causal and scores.shape[-2] > 1:
+        # sdpa-style masks leave plain causality implicit (mask None, is_causal set): make it explicit here.
+        q_len, k_len = scores.shape[-2:]
+        attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
         else:
             # Clamp so that score + min cannot overflow to -inf in fp16, which would make a fully masked row NaN.
             scores = (scores + attention_mask).clamp(min=torch.finfo(scores.dtype).min)
-    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
     weights = F.dropout(weights, p=dropout, training=module.training)
     output = torch.matmul(weights, value)  # (B, H, Tq, Dh)
     return output.transpose(1, 2).contiguous(), weights
@@ -153,7 +186,10 @@ class VanillaTransformerAttention(nn.Module):
         self.config = config
         self.num_heads = num_heads
         self.head_dim = config.d_model // num_heads
-        self.scaling = self.head_dim**-0.5  # the 1/sqrt(d_k) of §3.2.1
+        self.attention_type = config.attention_type
+        # §3.2.1: "for large values of d_k, the dot products grow large in magnitude, pushing the softmax function
+        # into regions where it has extremely small gradients", hence 1/sqrt(d_k); "dot_product" leaves it out.
+        self.scaling = self.head_dim**-0.5 if config.attention_type == "scaled_dot_product" else 1.0
         self.is_causal = is_causal  # read by the sdpa backend when no mask is materialised
         self.is_cross = is_cross
         self.layer_idx = layer_idx
@@ -162,6 +198,10 @@ class VanillaTransformerAttention(nn.Module):
         self.k_proj = nn.Linear(config.d_model, config.d_model)
         self.v_proj = nn.Linear(config.d_model, config.d_model)
         self.out_proj = nn.Linear(config.d_model, config.d_model)
+        if config.attention_type == "additive":  # per-head W_q, W_k and w of `additive_attention`
+            self.additive_query = nn.Parameter(torch.empty(num_heads, self.head_dim, self.head_dim))
+            self.additive_key = nn.Parameter(torch.empty(num_heads, self.head_dim, self.head_dim))
+            self.additive_score = nn.Parameter(torch.empty(num_heads, self.head_dim))
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(*x.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)  # (B, L, D) -> (B, H, L, Dh)
@@ -198,9 +238,12 @@ class VanillaTransformerAttention(nn.Module):
         query = self._split_heads(self.q_proj(hidden_states))  # (B, H, Tq, Dh)
         source = key_value_states if self.is_cross else hidden_states
         key, value = self._keys_values(source, past_key_values)
-        attention_fn: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, scaled_dot_product_attention
-        )
+        if self.attention_type == "additive":  # no fused kernel computes additive scores
+            attention_fn: Callable = additive_attention
+        else:
+            attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, scaled_dot_product_attention
+            )
         output, weights = attention_fn(
             self,
             query,
@@ -240,23 +283,68 @@ class VanillaTransformerFeedForward(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+class VanillaTransformerMaskedBatchNorm(nn.Module):
+    """BatchNorm over the feature dimension whose batch statistics use only real (non-padding) positions.
+
+    The `norm_type="batchnorm"` alternative to LayerNorm, for the comparison the paper's choice invites: plain
+    BatchNorm would mix padding into its statistics, which is unfair to it. Running statistics (momentum 0.1, as
+    torch's BatchNorm) serve evaluation and incremental decoding.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_var", torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, L, D); padding_mask (B, L), True at real tokens (None: all real)."""
+        mean, var = self.running_mean, self.running_var
+        if self.training:
+            rows = x[padding_mask] if padding_mask is not None else x.reshape(-1, x.shape[-1])  # (real tokens, D)
+            if rows.shape[0] > 1:
+                mean, var = rows.mean(0), rows.var(0, unbiased=False)
+                with torch.no_grad():
+                    unbiased = var * rows.shape[0] / (rows.shape[0] - 1)
+                    self.running_mean.lerp_(mean.detach(), self.momentum)
+                    self.running_var.lerp_(unbiased.detach(), self.momentum)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
+
 class VanillaTransformerSublayer(nn.Module):
     """The residual connection around each sub-layer, followed by layer normalisation (§3.1, §5.4):
 
     post-LN (the paper): LayerNorm(x + Dropout(Sublayer(x)))
     pre-LN (`normalize_before`, a deviation): x + Dropout(Sublayer(LayerNorm(x)))
+
+    With `norm_type="batchnorm"` the normalisation is `VanillaTransformerMaskedBatchNorm` instead.
     """
 
     def __init__(self, config: VanillaTransformerConfig) -> None:
         super().__init__()
         self.normalize_before = config.normalize_before
         self.dropout = config.dropout
-        self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        if config.norm_type == "batchnorm":
+            self.batch_norm = VanillaTransformerMaskedBatchNorm(config.d_model, eps=config.layer_norm_eps)
+        else:
+            self.layer_norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def norm(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        if hasattr(self, "batch_norm"):
+            return self.batch_norm(x, padding_mask)
+        return self.layer_norm(x)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        sublayer: Callable[[torch.Tensor], torch.Tensor],
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if self.normalize_before:
-            return x + F.dropout(sublayer(self.layer_norm(x)), p=self.dropout, training=self.training)
-        return self.layer_norm(x + F.dropout(sublayer(x), p=self.dropout, training=self.training))
+            return x + F.dropout(sublayer(self.norm(x, padding_mask)), p=self.dropout, training=self.training)
+        return self.norm(x + F.dropout(sublayer(x), p=self.dropout, training=self.training), padding_mask)
 
 
 class VanillaTransformerEncoderLayer(GradientCheckpointingLayer):
@@ -273,7 +361,11 @@ class VanillaTransformerEncoderLayer(GradientCheckpointingLayer):
         self.ffn_block = VanillaTransformerSublayer(config)
 
     def forward(
-        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, output_attentions: bool = False
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        padding_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         weights = None
 
@@ -282,8 +374,8 @@ class VanillaTransformerEncoderLayer(GradientCheckpointingLayer):
             out, weights = self.self_attn(x, attention_mask=attention_mask, output_attentions=output_attentions)
             return out
 
-        hidden_states = self.self_attn_block(hidden_states, self_attention)
-        hidden_states = self.ffn_block(hidden_states, self.ffn)
+        hidden_states = self.self_attn_block(hidden_states, self_attention, padding_mask)
+        hidden_states = self.ffn_block(hidden_states, self.ffn, padding_mask)
         return hidden_states, weights
 
 
@@ -310,6 +402,7 @@ class VanillaTransformerDecoderLayer(GradientCheckpointingLayer):
         encoder_attention_mask: torch.Tensor | None = None,
         past_key_values: EncoderDecoderCache | None = None,
         output_attentions: bool = False,
+        padding_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         self_weights = cross_weights = None
 
@@ -331,9 +424,9 @@ class VanillaTransformerDecoderLayer(GradientCheckpointingLayer):
             )
             return out
 
-        hidden_states = self.self_attn_block(hidden_states, self_attention)
-        hidden_states = self.encoder_attn_block(hidden_states, cross_attention)
-        hidden_states = self.ffn_block(hidden_states, self.ffn)
+        hidden_states = self.self_attn_block(hidden_states, self_attention, padding_mask)
+        hidden_states = self.encoder_attn_block(hidden_states, cross_attention, padding_mask)
+        hidden_states = self.ffn_block(hidden_states, self.ffn, padding_mask)
         return hidden_states, self_weights, cross_weights
 
 
@@ -397,9 +490,15 @@ class VanillaTransformerPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
                 init.zeros_(module.weight[module.padding_idx])
-        elif isinstance(module, nn.LayerNorm):
+        elif isinstance(module, (nn.LayerNorm, VanillaTransformerMaskedBatchNorm)):
             init.ones_(module.weight)
             init.zeros_(module.bias)
+            if isinstance(module, VanillaTransformerMaskedBatchNorm):
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+        elif isinstance(module, VanillaTransformerAttention) and module.attention_type == "additive":
+            for weight in (module.additive_query, module.additive_key, module.additive_score):
+                init.normal_(weight, mean=0.0, std=module.head_dim**-0.5)
         elif isinstance(module, VanillaTransformerSinusoidalPositionalEncoding):
             # from_pretrained builds on the meta device and leaves non-persistent buffers empty: refill it here.
             init.copy_(module.pe, sinusoidal_table(module.num_positions, module.dim))
@@ -485,6 +584,21 @@ class VanillaTransformerStack(nn.Module):
         hidden_states = inputs_embeds * self.embed_scale + positions.to(inputs_embeds.dtype)
         return F.dropout(hidden_states, p=self.config.dropout, training=self.training)
 
+    def target_padding_mask(
+        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, length: int
+    ) -> torch.Tensor | None:
+        """Real target positions (B, T) for BatchNorm's statistics: the decoder mask's last T columns, or, as
+        Trainer passes no decoder mask, the non-padding ids of the right-shifted labels."""
+        if self.config.norm_type != "batchnorm" or not self.training:
+            return None
+        if attention_mask is not None:
+            return attention_mask[:, -length:].bool()
+        if input_ids is not None and self.config.pad_token_id is not None:
+            mask = input_ids != self.config.pad_token_id
+            mask[:, 0] = True  # the start token, even where it shares the pad id
+            return mask
+        return None
+
     def final_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.layer_norm(hidden_states) if self.layer_norm is not None else hidden_states
 
@@ -509,12 +623,15 @@ class VanillaTransformerEncoder(VanillaTransformerStack):
         batch_size, src_len = _batch_and_length(input_ids, inputs_embeds, "input_ids")
         _check_mask("attention_mask", attention_mask, batch_size, src_len)
         hidden_states = self.embed(input_ids, inputs_embeds)
+        padding_mask = attention_mask.bool() if attention_mask is not None else None  # (B, S), for BatchNorm
         # (B, S) padding mask -> (B, 1, S, S) in the form the attention implementation wants (None if no padding).
         mask = create_bidirectional_mask(self.config, hidden_states, attention_mask)
         all_hidden, all_attentions = [], []
         for layer in self.layers:
             all_hidden.append(hidden_states)
-            hidden_states, weights = layer(hidden_states, mask, output_attentions=bool(output_attentions))
+            hidden_states, weights = layer(
+                hidden_states, mask, output_attentions=bool(output_attentions), padding_mask=padding_mask
+            )
             all_attentions.append(weights)
         hidden_states = self.final_norm(hidden_states)
         all_hidden.append(hidden_states)
@@ -557,6 +674,7 @@ class VanillaTransformerDecoder(VanillaTransformerStack):
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         _check_mask("decoder_attention_mask", attention_mask, batch_size, past_length + tgt_len)
         hidden_states = self.embed(input_ids, inputs_embeds, past_length)
+        padding_mask = self.target_padding_mask(input_ids, attention_mask, tgt_len)  # (B, T), for BatchNorm
         self_attn_cache = past_key_values.self_attention_cache if past_key_values is not None else None
         # Causal plus target padding, (B, 1, T, P + T); and source padding for cross-attention, (B, 1, T, S).
         causal_mask = create_causal_mask(self.config, hidden_states, attention_mask, self_attn_cache)
@@ -573,6 +691,7 @@ class VanillaTransformerDecoder(VanillaTransformerStack):
                 encoder_attention_mask=cross_mask,
                 past_key_values=past_key_values,
                 output_attentions=bool(output_attentions),
+                padding_mask=padding_mask,
             )
             self_attentions.append(self_weights)
             cross_attentions.append(cross_weights)
