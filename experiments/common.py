@@ -1,0 +1,334 @@
+"""Shared helpers of the design-choice experiments: data, a small training loop, BLEU, memory and plots.
+
+The loop is written on the model directly rather than through `train.main`: the experiments need things the
+Trainer hides (hooks on BatchNorm statistics, attention maps, custom length splits, tokens/s of the step itself)
+and must stay within a few CPU minutes, so they skip checkpoints, model cards and beam search. The recipe is the
+demo's (`train.DEMO_RECIPE`: Adam beta2 0.98, eps 1e-9, linear warm-up then inverse square root, label smoothing
+0.1, no dropout), shrunk further; numbers are therefore not comparable to the 1000-step demo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import sacrebleu
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedTokenizerFast
+
+from hf_vanilla_transformer import VanillaTransformerConfig, VanillaTransformerForConditionalGeneration
+from hf_vanilla_transformer.corpus import SOURCE_LANG, TARGET_LANG, build_default_corpus
+from hf_vanilla_transformer.tokenization import train_tokenizer
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DPI = 80
+Pair = tuple[str, str]
+
+
+# ----------------------------------------------------------------------------------------------- command line
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """The flags every experiment has: --smoke (seconds, for CI) and --out."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--smoke", action="store_true", help="a few steps on a few hundred pairs (CI)")
+    p.add_argument("--out", default=None, help="output folder (default experiments/results/<name>)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def out_dir(args: argparse.Namespace, name: str) -> Path:
+    out = Path(args.out) if args.out else RESULTS / name
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def command_line(module: str, argv: Sequence[str]) -> str:
+    return " ".join(["python", "-m", f"experiments.{module}", *argv])
+
+
+def setup_threads() -> None:
+    """Two cores: intra-op threads beyond them only add contention."""
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class Data:
+    """A tokenizer and the three splits as (source, target) text pairs."""
+
+    tokenizer: PreTrainedTokenizerFast
+    train: list[Pair]
+    validation: list[Pair]
+    test: list[Pair]
+
+
+def pairs(dataset) -> list[Pair]:
+    return [(t[SOURCE_LANG], t[TARGET_LANG]) for t in dataset["translation"]]
+
+
+def load_data(
+    num_train: int,
+    num_test: int,
+    seed: int = 0,
+    vocab_size: int = 2000,
+    train_filter: Callable[[Pair], bool] | None = None,
+    test_filter: Callable[[Pair], bool] | None = None,
+    num_validation: int = 0,
+) -> Data:
+    """The embedded corpus, a BPE vocabulary trained on its (filtered) train split, and filtered splits."""
+    corpus = build_default_corpus(seed, num_train=num_train, num_validation=num_validation or 1, num_test=num_test)
+    train, test = pairs(corpus["train"]), pairs(corpus["test"])
+    if train_filter:
+        train = [p for p in train if train_filter(p)]
+    if test_filter:
+        test = [p for p in test if test_filter(p)]
+    tokenizer = train_tokenizer((s for pair in train for s in pair), vocab_size=vocab_size)
+    validation = pairs(corpus["validation"]) if num_validation else []
+    return Data(tokenizer, train, validation, test)
+
+
+def encode(tokenizer: PreTrainedTokenizerFast, data: Sequence[Pair]) -> list[tuple[list[int], list[int]]]:
+    sources = tokenizer([s for s, _ in data])["input_ids"]
+    targets = tokenizer([t for _, t in data])["input_ids"]
+    return list(zip(sources, targets, strict=True))
+
+
+def token_batches(lengths: Sequence[int], max_tokens: int, rng: random.Random) -> list[list[int]]:
+    """§5.1 batching: sort by length, cut into batches of at most `max_tokens` padded tokens, shuffle the batches."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random()))
+    batches, current, longest = [], [], 0
+    for i in order:
+        longest_if_added = max(longest, lengths[i])
+        if current and longest_if_added * (len(current) + 1) > max_tokens:
+            batches.append(current)
+            current, longest_if_added = [], lengths[i]
+        current.append(i)
+        longest = longest_if_added
+    if current:
+        batches.append(current)
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: Sequence[tuple[list[int], list[int]]], pad: int = 0, bos: int = 1) -> dict[str, torch.Tensor]:
+    """Pad sources and targets; labels use -100 at padding; decoder inputs are labels shifted right after <s>."""
+    src_len = max(len(s) for s, _ in examples)
+    tgt_len = max(len(t) for _, t in examples)
+    input_ids = torch.full((len(examples), src_len), pad)
+    labels = torch.full((len(examples), tgt_len), -100)
+    for row, (s, t) in enumerate(examples):
+        input_ids[row, : len(s)] = torch.tensor(s)
+        labels[row, : len(t)] = torch.tensor(t)
+    decoder_input_ids = torch.cat([torch.full((len(examples), 1), bos), labels[:, :-1].clamp(min=0)], dim=1)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": (input_ids != pad).long(),
+        "decoder_input_ids": decoder_input_ids,
+        "labels": labels,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- model and training
+
+
+def small_config(tokenizer: PreTrainedTokenizerFast, **overrides: Any) -> VanillaTransformerConfig:
+    """The "tiny" preset (d_model 64, 2+2 layers, d_ff 256, 4 heads) without dropout, unless overridden: half the
+    demo's width, because on 2 cores it learns about as much per token as the demo's d_model 128 at 2.5x the speed."""
+    values: dict[str, Any] = {
+        "dropout": 0.0,
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "decoder_start_token_id": tokenizer.bos_token_id,
+    }
+    return VanillaTransformerConfig.from_preset("tiny", **{**values, **overrides})
+
+
+def build_model(config: VanillaTransformerConfig, seed: int = 0, attn: str = "eager"):
+    """A fresh model with the given seed; eager attention so that every attention_type runs the same code path."""
+    torch.manual_seed(seed)
+    config._attn_implementation = attn
+    return VanillaTransformerForConditionalGeneration(config)
+
+
+@dataclass
+class TrainResult:
+    steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # label-smoothed training loss, mean over each log window
+    tokens_per_s: float = 0.0  # real (non-pad) source + target tokens per second of training steps
+    seconds: float = 0.0
+    diverged: bool = False
+
+
+def train(
+    model,
+    tokenizer: PreTrainedTokenizerFast,
+    train_pairs: Sequence[Pair],
+    steps: int,
+    max_tokens: int = 3000,
+    learning_rate: float = 5e-3,
+    warmup: int = 100,
+    seed: int = 0,
+    log_every: int = 25,
+    on_step: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
+) -> TrainResult:
+    """Adam (beta2 0.98, eps 1e-9) with linear warm-up then inverse square root (§5.3), label smoothing 0.1 (§5.4)."""
+    encoded = encode(tokenizer, train_pairs)
+    lengths = [max(len(s), len(t)) for s, t in encoded]
+    rng = random.Random(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, betas=(0.9, 0.98), eps=1e-9)
+
+    def lr_factor(step: int) -> float:  # step counts from 0
+        s = step + 1
+        return s / warmup if s < warmup else math.sqrt(warmup / s)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    result, window, batches, real_tokens = TrainResult(), [], [], 0
+    model.train()
+    started = time.perf_counter()
+    for step in range(steps):
+        if not batches:
+            batches = token_batches(lengths, max_tokens, rng)
+        batch = collate([encoded[i] for i in batches.pop()], tokenizer.pad_token_id, tokenizer.bos_token_id)
+        labels = batch.pop("labels")
+        logits = model(**batch).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, label_smoothing=0.1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        real_tokens += int(batch["attention_mask"].sum()) + int((labels != -100).sum())
+        if on_step:
+            on_step(step, batch)
+        value = loss.detach().item()
+        if not math.isfinite(value):
+            result.diverged = True
+            break
+        window.append(value)
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            result.steps.append(step + 1)
+            result.losses.append(sum(window) / len(window))
+            window = []
+    result.seconds = time.perf_counter() - started
+    result.tokens_per_s = real_tokens / max(result.seconds, 1e-9)
+    model.eval()
+    return result
+
+
+@torch.no_grad()
+def translate(model, tokenizer: PreTrainedTokenizerFast, sources: Sequence[str], batch_size: int = 64) -> list[str]:
+    """Greedy decoding (beam 1, to save CPU; the paper uses beam 4), sources sorted by length to limit padding."""
+    model.eval()
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    hypotheses: dict[int, str] = {}
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        inputs = tokenizer([sources[i] for i in idx], return_tensors="pt", padding=True)
+        output = model.generate(**inputs, num_beams=1, do_sample=False)
+        for i, text in zip(idx, tokenizer.batch_decode(output, skip_special_tokens=True), strict=True):
+            hypotheses[i] = text.strip()
+    return [hypotheses[i] for i in range(len(sources))]
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus BLEU with sacreBLEU's defaults (13a tokenisation), as `hf_vanilla_transformer.metrics` computes it."""
+    return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
+
+
+def evaluate_bleu(model, tokenizer: PreTrainedTokenizerFast, test_pairs: Sequence[Pair]) -> float:
+    return bleu(translate(model, tokenizer, [s for s, _ in test_pairs]), [t for _, t in test_pairs])
+
+
+def saved_activation_bytes(model, batch: dict[str, torch.Tensor]) -> int:
+    """Bytes of the tensors autograd saves for backward in one forward pass: the activation memory of a training step,
+    measured exactly and deterministically (a process-wide peak RSS on CPU would mix in allocator noise)."""
+    seen: dict[tuple[int, int], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.layout == torch.strided and t.device.type == "cpu":
+            storage = t.untyped_storage()
+            seen[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()  # shared storages count once
+        return t
+
+    model.train()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(**inputs).logits
+    del logits
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for (ptr, _), n in seen.items() if ptr not in params)
+
+
+# ----------------------------------------------------------------------------------------------- output
+
+
+def save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def write_report(out: Path, title: str, command: str, body: str, smoke: bool) -> Path:
+    note = "\n> **Smoke run** (CI): a handful of steps; the numbers below mean nothing.\n" if smoke else ""
+    text = f"# {title}\n{note}\nCommand: `{command}`\n\n{body.strip()}\n"
+    path = out / "report.md"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A markdown table; floats get a sensible number of digits."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            if abs(v) >= 1e3:
+                return f"{v:.0f}"
+            return f"{v:.3g}" if abs(v) < 1e-2 else f"{v:.2f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def num_words(text: str) -> int:
+    return len(text.split())
+
+
+def length_split(
+    num_train: int, num_test: int, max_train_words: int, seed: int = 0, vocab_size: int = 2000
+) -> tuple[Data, list[Pair], list[Pair]]:
+    """Train only on pairs whose source AND target have at most `max_train_words` words; return the data, the test
+    pairs of training length (short) and the test pairs whose source is longer than any training source (long)."""
+    data = load_data(
+        num_train,
+        num_test,
+        seed=seed,
+        vocab_size=vocab_size,
+        train_filter=lambda p: max(num_words(p[0]), num_words(p[1])) <= max_train_words,
+    )
+    longest = max(num_words(s) for s, _ in data.train)
+    short = [p for p in data.test if max(num_words(p[0]), num_words(p[1])) <= max_train_words]
+    long = [p for p in data.test if num_words(p[0]) > longest]
+    return data, short, long
