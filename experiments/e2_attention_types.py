@@ -73,6 +73,7 @@ Memory is the bytes autograd saves for backward in one forward pass over a fixed
 - BLEU differences between the three at this size (d_k = 16) and length of training come from one seed each; see
   the loss curves before reading much into a gap of a few points.
 """
+    body += common.bleu_caveat(max(r["bleu"] for r in results.values()))
     common.write_report(out, "E2: additive vs dot-product vs scaled dot-product attention",
                         common.command_line(NAME, argv), body, smoke)  # fmt: skip
     return results

@@ -173,6 +173,7 @@ length bucket) is encoded with batch statistics (train mode) and with running st
   {bn_["bleu_long"]:.1f} (training lengths / longer). One seed and a short run: differences of a few points are
   within what another seed could change.
 """
+    body += common.bleu_caveat(max(max(r["bleu_short"], r["bleu_long"]) for r in results.values()))
     common.write_report(out, "E3: LayerNorm vs BatchNorm on padded token batches", common.command_line(NAME, argv),
                         body, smoke)  # fmt: skip
     return results

@@ -125,6 +125,7 @@ columns: source tokens):
 
 {maps}
 """
+    body += common.bleu_caveat(max(r["bleu"] for r in results.values()))
     common.write_report(out, "E4: number of attention heads at constant d_model", common.command_line(NAME, argv),
                         body, smoke)  # fmt: skip
     return results

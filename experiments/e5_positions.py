@@ -106,6 +106,7 @@ a position.
 - Longer than any training sentence (mean over the {len(long_names)} longer buckets): sinusoidal
   {mean(s):.1f}, learned {mean(learned):.1f} BLEU.
 """
+    body += common.bleu_caveat(max(max(r["bleu"].values()) for r in results.values()))
     common.write_report(out, "E5: sinusoidal vs learned positions beyond the training lengths",
                         common.command_line(NAME, argv), body, smoke)  # fmt: skip
     return results
