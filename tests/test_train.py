@@ -74,6 +74,8 @@ def test_config_overrides_are_typed_and_checked():
         "dropout": 0.2,
         "normalize_before": True,
     }
+    switches = train._parse_overrides("attention_type=additive,norm_type=batchnorm,position_embedding_type=learned")
+    assert switches == {"attention_type": "additive", "norm_type": "batchnorm", "position_embedding_type": "learned"}
     with pytest.raises(ValueError, match="colour"):
         train._parse_overrides("colour=blue")
 
