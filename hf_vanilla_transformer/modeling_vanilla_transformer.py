@@ -687,7 +687,7 @@ class VanillaTransformerDecoder(VanillaTransformerStack):
             hidden_states, self_weights, cross_weights = layer(
                 hidden_states,
                 causal_mask,
-                encoder_hidden_states,  # positional: the gradient-checkpointing wrapper drops keyword tensors
+                encoder_hidden_states,  # positional: reentrant checkpointing only gives gradients to positional tensors
                 encoder_attention_mask=cross_mask,
                 past_key_values=past_key_values,
                 output_attentions=bool(output_attentions),
