@@ -475,8 +475,9 @@ class VanillaTransformerPreTrainedModel(PreTrainedModel):
                 where, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
             )
             raise ValueError(f"The config in {where} does not match its weights: {_describe(info)}") from None
-        if not kwargs.get("ignore_mismatched_sizes") and _describe(info):
-            raise ValueError(f"The config in {where} does not match its weights: {_describe(info)}")
+        problems = "" if kwargs.get("ignore_mismatched_sizes") else _describe(info)
+        if problems:
+            raise ValueError(f"The config in {where} does not match its weights: {problems}")
         return (model, info) if want_info else model
 
     @torch.no_grad()
@@ -584,16 +585,17 @@ class VanillaTransformerStack(nn.Module):
         hidden_states = inputs_embeds * self.embed_scale + positions.to(inputs_embeds.dtype)
         return F.dropout(hidden_states, p=self.config.dropout, training=self.training)
 
-    def target_padding_mask(
-        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, length: int
+    def norm_padding_mask(
+        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, length: int, from_ids: bool
     ) -> torch.Tensor | None:
-        """Real target positions (B, T) for BatchNorm's statistics: the decoder mask's last T columns, or, as
-        Trainer passes no decoder mask, the non-padding ids of the right-shifted labels."""
+        """Real positions (B, L) for BatchNorm's batch statistics; None when nothing needs them (LayerNorm, or
+        evaluation, which uses running statistics). The mask's last L columns, or, with `from_ids` (the decoder:
+        Trainer passes no decoder mask), the non-padding ids of the right-shifted labels."""
         if self.config.norm_type != "batchnorm" or not self.training:
             return None
         if attention_mask is not None:
             return attention_mask[:, -length:].bool()
-        if input_ids is not None and self.config.pad_token_id is not None:
+        if from_ids and input_ids is not None and self.config.pad_token_id is not None:
             mask = input_ids != self.config.pad_token_id
             mask[:, 0] = True  # the start token, even where it shares the pad id
             return mask
@@ -623,7 +625,7 @@ class VanillaTransformerEncoder(VanillaTransformerStack):
         batch_size, src_len = _batch_and_length(input_ids, inputs_embeds, "input_ids")
         _check_mask("attention_mask", attention_mask, batch_size, src_len)
         hidden_states = self.embed(input_ids, inputs_embeds)
-        padding_mask = attention_mask.bool() if attention_mask is not None else None  # (B, S), for BatchNorm
+        padding_mask = self.norm_padding_mask(input_ids, attention_mask, src_len, from_ids=False)  # (B, S)
         # (B, S) padding mask -> (B, 1, S, S) in the form the attention implementation wants (None if no padding).
         mask = create_bidirectional_mask(self.config, hidden_states, attention_mask)
         all_hidden, all_attentions = [], []
@@ -674,7 +676,7 @@ class VanillaTransformerDecoder(VanillaTransformerStack):
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         _check_mask("decoder_attention_mask", attention_mask, batch_size, past_length + tgt_len)
         hidden_states = self.embed(input_ids, inputs_embeds, past_length)
-        padding_mask = self.target_padding_mask(input_ids, attention_mask, tgt_len)  # (B, T), for BatchNorm
+        padding_mask = self.norm_padding_mask(input_ids, attention_mask, tgt_len, from_ids=True)  # (B, T)
         self_attn_cache = past_key_values.self_attention_cache if past_key_values is not None else None
         # Causal plus target padding, (B, 1, T, P + T); and source padding for cross-attention, (B, 1, T, S).
         causal_mask = create_causal_mask(self.config, hidden_states, attention_mask, self_attn_cache)
