@@ -290,7 +290,10 @@ def _parse_overrides(text: str | None) -> dict[str, Any]:
     return overrides
 
 
-def prepare_datasets(raw, tokenizer, data_args: DataTrainingArguments) -> datasets.DatasetDict:
+def prepare_datasets(
+    raw: datasets.DatasetDict, tokenizer: PreTrainedTokenizerBase, data_args: DataTrainingArguments
+) -> tuple[datasets.DatasetDict, datasets.DatasetDict]:
+    """The raw splits cut to the --max_*_samples limits, and their tokenized form."""
     limits = {
         "train": data_args.max_train_samples,
         "validation": data_args.max_eval_samples,
@@ -394,13 +397,19 @@ def save_final_model(trainer: Seq2SeqTrainer, card: str, pictures: list[Path]) -
     staging.rmdir()
 
 
-def plot_learning_curve(log_history: list[dict], path: Path) -> Path | None:
-    """Training loss and validation BLEU over steps, as a PNG."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display is needed, or present on servers)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_learning_curve(log_history: list[dict], path: Path) -> Path | None:
+    """Training loss and validation BLEU over steps, as a PNG."""
+    plt = _pyplot()
     losses = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
     bleus = [(e["step"], e["eval_bleu"]) for e in log_history if "eval_bleu" in e]
     if not losses:
@@ -422,11 +431,7 @@ def plot_learning_curve(log_history: list[dict], path: Path) -> Path | None:
 
 def plot_cross_attention(model, tokenizer, source: str, path: Path) -> Path:
     """Cross-attention of the last decoder layer, one panel per head, for the model's own translation of `source`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     model.eval()
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")  # only eager attention returns its weights
@@ -459,7 +464,7 @@ def plot_cross_attention(model, tokenizer, source: str, path: Path) -> Path:
     return path
 
 
-def card_values(model, tokenizer, training_args, model_args, data_args, metrics, raw, train_result) -> dict:
+def card_values(model, training_args, model_args, data_args, metrics, raw, train_result) -> dict:
     config = model.config
     generation = model.generation_config
     repo_id = training_args.hub_model_id or str(Path(training_args.output_dir).resolve())
@@ -511,7 +516,6 @@ def card_values(model, tokenizer, training_args, model_args, data_args, metrics,
         "eval_samples": metrics.get("eval_samples"),
         "test_bleu": _fmt(metrics.get("predict_bleu")),
         "test_samples": metrics.get("predict_samples"),
-        "example_source": raw["test" if "test" in raw else "train"][0]["translation"][data_args.source_lang],
     }
 
 
@@ -610,7 +614,8 @@ def finish(trainer, tokenizer, model_args, data_args, training_args, metrics, ra
         pictures.append(curve)
     source = raw["test" if "test" in raw else "train"][0]["translation"][data_args.source_lang]
     pictures.append(plot_cross_attention(model, tokenizer, source, out / "cross_attention.png"))
-    values = card_values(model, tokenizer, training_args, model_args, data_args, metrics, raw, train_result)
+    values = card_values(model, training_args, model_args, data_args, metrics, raw, train_result)
+    values["example_source"] = source
     values["learning_curve"] = "learning_curve.png" if curve else None
     values["attention_map"] = "cross_attention.png"
     card = render_model_card(values, (REPO_ROOT / "model_card.md").read_text(encoding="utf-8"))
