@@ -52,6 +52,20 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def training_parser(description: str, default_steps: int) -> argparse.ArgumentParser:
+    """`parser` plus --steps, for the experiments that train; `training_budget` reads both back."""
+    p = parser(description)
+    p.add_argument("--steps", type=int, default=None, help=f"training steps (default {default_steps}; 6 with --smoke)")
+    p.set_defaults(default_steps=default_steps)
+    return p
+
+
+def training_budget(args: argparse.Namespace) -> tuple[int, int]:
+    """Training steps and tokens per batch: --steps if given, else a few tiny batches with --smoke."""
+    steps = args.steps or (6 if args.smoke else args.default_steps)
+    return steps, 500 if args.smoke else 3000
+
+
 def out_dir(args: argparse.Namespace, name: str) -> Path:
     out = Path(args.out) if args.out else RESULTS / name
     out.mkdir(parents=True, exist_ok=True)

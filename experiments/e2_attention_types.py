@@ -14,15 +14,13 @@ TYPES = ("scaled_dot_product", "dot_product", "additive")
 
 def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = common.parser(__doc__)
-    p.add_argument("--steps", type=int, default=None)
+    p = common.training_parser(__doc__, default_steps=400)
     args = p.parse_args(argv)
     out = common.out_dir(args, NAME)
     common.setup_threads()
     smoke = args.smoke
-    steps = args.steps or (6 if smoke else 400)
+    steps, max_tokens = common.training_budget(args)
     num_train, num_test = (300, 20) if smoke else (8000, 200)
-    max_tokens = 500 if smoke else 3000
     data = common.load_data(num_train, num_test, seed=args.seed, vocab_size=500 if smoke else 2000)
     # A fixed batch of 32 training pairs for the memory measurement.
     memory_batch = common.collate(common.encode(data.tokenizer, data.train[:32]))

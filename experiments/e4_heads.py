@@ -58,15 +58,13 @@ def plot_heads(weights: torch.Tensor, src: list[str], tgt: list[str], title: str
 
 def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = common.parser(__doc__)
-    p.add_argument("--steps", type=int, default=None)
+    p = common.training_parser(__doc__, default_steps=350)
     p.add_argument("--heads", default="1,4,8,16")
     args = p.parse_args(argv)
     out = common.out_dir(args, NAME)
     common.setup_threads()
     smoke = args.smoke
-    steps = args.steps or (6 if smoke else 350)
-    max_tokens = 500 if smoke else 3000
+    steps, max_tokens = common.training_budget(args)
     head_counts = [int(h) for h in args.heads.split(",")]
     data = common.load_data(300 if smoke else 8000, 20 if smoke else 200, seed=args.seed,
                             vocab_size=500 if smoke else 2000)  # fmt: skip

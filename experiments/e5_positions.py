@@ -15,15 +15,13 @@ TYPES = ("sinusoidal", "learned")
 
 def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = common.parser(__doc__)
-    p.add_argument("--steps", type=int, default=None)
+    p = common.training_parser(__doc__, default_steps=400)
     p.add_argument("--max_train_words", type=int, default=15)
     args = p.parse_args(argv)
     out = common.out_dir(args, NAME)
     common.setup_threads()
     smoke = args.smoke
-    steps = args.steps or (6 if smoke else 400)
-    max_tokens = 500 if smoke else 3000
+    steps, max_tokens = common.training_budget(args)
     data, _, _ = common.length_split(
         400 if smoke else 12000, 300 if smoke else 2000, args.max_train_words, args.seed, 500 if smoke else 2000
     )
