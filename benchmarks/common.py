@@ -17,20 +17,24 @@ Axes: B batch, S source length, T target length, D d_model, V vocabulary, L_e / 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import random
 import resource
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig, MarianConfig, MarianMTModel
 
+from benchmarks import ctranslate2_backend
 from hf_vanilla_transformer import VanillaTransformerConfig, VanillaTransformerForConditionalGeneration
 from hf_vanilla_transformer.modeling_vanilla_transformer import shift_tokens_right, sinusoidal_table
 
@@ -333,12 +337,32 @@ def token_batches(vocab_size: int, max_tokens: int = 4096, count: int = 3, seed:
 # ------------------------------------------------------------------------------------------------- training step
 
 
+LABEL_SMOOTHING = 0.1  # §5.4, train.py's default
+
+
 def training_step(impl: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[Batch], float]:
-    """One step: forward, label-smoothed (0.1, §5.4) cross-entropy on the logits, backward, Adam. Same for all."""
+    """One step as train.py runs it: forward, label-smoothed (0.1, §5.4) cross-entropy, backward, the optimizer.
+
+    Each model computes the loss its own best way. Ours takes `labels` and returns the loss it computes fused
+    with the output projection, skipping padding (train.py moves `--label_smoothing_factor` into the config for this).
+    Marian and `nn.Transformer` return the full (B, T, V) logits, smoothed by `F.cross_entropy(label_smoothing=0.1)`:
+    one op, and faster than Trainer's `LabelSmoother`, which train.py would use for them.
+    """
 
     def step(batch: Batch) -> float:
-        output = logits(impl, model, batch)
-        loss = F.cross_entropy(output.flatten(0, 1), batch.labels.flatten(), label_smoothing=0.1, ignore_index=-100)
+        if impl == "ours":
+            model.config.label_smoothing = LABEL_SMOOTHING
+            loss = model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                decoder_input_ids=batch.decoder_input_ids,
+                labels=batch.labels,
+            ).loss
+        else:
+            output = logits(impl, model, batch)
+            loss = F.cross_entropy(
+                output.flatten(0, 1), batch.labels.flatten(), label_smoothing=LABEL_SMOOTHING, ignore_index=-100
+            )
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -348,8 +372,9 @@ def training_step(impl: str, model: nn.Module, optimizer: torch.optim.Optimizer)
 
 
 def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
-    """Adam with the paper's betas and epsilon (§5.3); torch's default (foreach) implementation."""
-    return torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
+    """train.py's optimizer for every implementation: Trainer's default `adamw_torch_fused` with weight decay 0, which
+    is Adam (§5.3), with the paper's betas and epsilon."""
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.0, fused=True)
 
 
 def training_flops(config: VanillaTransformerConfig, batch: Batch) -> float:
@@ -461,9 +486,14 @@ GENERATION_CASES = (("greedy", 1), ("beam4", 4))
 
 
 def generation_benchmark(
-    size: str, batch_sizes: tuple[int, ...] = (1, 16), new_tokens: int = 32, repeats: int = 3
+    size: str,
+    batch_sizes: tuple[int, ...] = (1, 16),
+    new_tokens: int = 32,
+    repeats: int = 3,
+    with_ctranslate2: bool = True,
 ) -> dict[str, dict]:
-    """Greedy and beam-4 decoding, ours vs Marian with the same weights, `new_tokens` tokens per output.
+    """Greedy and beam-4 decoding, ours vs Marian with the same weights, `new_tokens` tokens per output; plus
+    CTranslate2 running a conversion of our weights when the `ctranslate2` package is installed.
 
     Tokens/s counts returned tokens (batch x new_tokens), not the beam x batch rows beam search computes.
     Returns {"<mode>_b<batch>": {"ours": tok/s, "marian": tok/s, "ratio": ours/marian, "times": ...}}, plus
@@ -472,31 +502,47 @@ def generation_benchmark(
     models, diffs = build_models(size, ("ours", "marian"))
     vocab_size = models["ours"].config.vocab_size
     results: dict[str, dict] = {"setup": {"max_logit_diff_marian": diffs["marian"]}}
-    with torch.inference_mode():
-        for mode, beams in GENERATION_CASES:
-            config = fixed_length_generation_config(beams, new_tokens)
-            for batch_size in batch_sizes:
-                input_ids, attention_mask = source_batch(vocab_size, batch_size, seed=batch_size)
-                times, outputs = _time_generation(models, config, input_ids, attention_mask, repeats)
-                if outputs["ours"].shape[1] != new_tokens + 1 or outputs["marian"].shape != outputs["ours"].shape:
-                    raise AssertionError(f"Not a fixed-length run: {tuple(outputs['ours'].shape)}")
-                row = {impl: batch_size * new_tokens / median(times[impl]) for impl in models}
-                row["ratio"] = row["ours"] / row["marian"]
-                row["same_output"] = bool(torch.equal(outputs["ours"], outputs["marian"]))
-                row["times_s"] = times
-                results[f"{mode}_b{batch_size}"] = row
+    with contextlib.ExitStack() as stack:
+        if with_ctranslate2 and ctranslate2_backend.available():
+            directory = stack.enter_context(tempfile.TemporaryDirectory())
+            models["ctranslate2"] = ctranslate2_backend.load_translator(
+                ctranslate2_backend.convert(models["ours"], directory)
+            )
+        with torch.inference_mode():
+            for mode, beams in GENERATION_CASES:
+                config = fixed_length_generation_config(beams, new_tokens)
+                for batch_size in batch_sizes:
+                    input_ids, attention_mask = source_batch(vocab_size, batch_size, seed=batch_size)
+                    times, outputs = _time_generation(models, config, input_ids, attention_mask, repeats)
+                    if outputs["ours"].shape[1] != new_tokens + 1 or outputs["marian"].shape != outputs["ours"].shape:
+                        raise AssertionError(f"Not a fixed-length run: {tuple(outputs['ours'].shape)}")
+                    row: dict[str, Any] = {impl: batch_size * new_tokens / median(times[impl]) for impl in models}
+                    row["ratio"] = row["ours"] / row["marian"]
+                    for impl in models:
+                        if impl != "ours":
+                            row[f"same_output_{impl}"] = bool(torch.equal(outputs["ours"], outputs[impl]))
+                    row["same_output"] = row["same_output_marian"]
+                    row["times_s"] = times
+                    results[f"{mode}_b{batch_size}"] = row
     return results
 
 
 def _time_generation(
-    models: dict[str, nn.Module], config: GenerationConfig, input_ids: torch.Tensor, mask: torch.Tensor, repeats: int
+    models: dict[str, Any], config: GenerationConfig, input_ids: torch.Tensor, mask: torch.Tensor, repeats: int
 ) -> tuple[dict[str, list[float]], dict[str, torch.Tensor]]:
-    """Alternating timings of `generate` for each model, and each model's last output."""
+    """Alternating timings of `generate` for each model (`translate_batch` for CTranslate2), and each last output."""
     outputs: dict[str, torch.Tensor] = {}
 
     def runner(impl: str) -> Callable[[int], None]:
         def run(_index: int) -> None:
-            outputs[impl] = models[impl].generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
+            if impl == "ctranslate2":
+                beams, new_tokens = config.num_beams, config.max_new_tokens
+                penalty = 1.0 if config.length_penalty is None else config.length_penalty  # greedy: unused
+                outputs[impl] = ctranslate2_backend.translate(models[impl], input_ids, mask, beams, new_tokens, penalty)
+            else:
+                outputs[impl] = models[impl].generate(
+                    input_ids=input_ids, attention_mask=mask, generation_config=config
+                )
 
         return run
 
@@ -504,18 +550,19 @@ def _time_generation(
 
 
 def format_generation(size: str, results: dict[str, dict]) -> list[str]:
-    """Table lines: tokens/s of both models and their ratio per decoding case."""
+    """Table lines: tokens/s of each engine and our ratios to them, per decoding case."""
     lines = []
     for case, row in results.items():
         if case == "setup":
             continue
-        lines.append(
-            f"| {size} | gen {case} (tok/s) | {row['ours']:.1f} | {row['marian']:.1f} | - | {row['ratio']:.2f} | - |"
-        )
+        ct2 = row.get("ctranslate2")
+        ct2_speed, ct2_ratio = (f"{ct2:.1f}", f"{row['ours'] / ct2:.2f}") if ct2 else ("-", "-")
+        speeds = f"{row['ours']:.1f} | {row['marian']:.1f} | - | {ct2_speed}"
+        lines.append(f"| {size} | gen {case} (tok/s) | {speeds} | {row['ratio']:.2f} | - | {ct2_ratio} |")
     return lines
 
 
 TABLE_HEADER = [
-    "| size | measure | ours | marian | torch | ours/marian | ours/torch |",
-    "|---|---|---|---|---|---|---|",
+    "| size | measure | ours | marian | torch | ctranslate2 | ours/marian | ours/torch | ours/ctranslate2 |",
+    "|---|---|---|---|---|---|---|---|---|",
 ]

@@ -192,8 +192,8 @@ def _row(size: str, measure: str, values: dict[str, float], fmt: str) -> str:
     cells = [fmt.format(values[impl]) for impl in common.IMPLEMENTATIONS]
     ours = values["ours"]
     return (
-        f"| {size} | {measure} | {' | '.join(cells)} | {ratio(ours, values['marian'])} | "
-        f"{ratio(ours, values['torch'])} |"
+        f"| {size} | {measure} | {' | '.join(cells)} | - | {ratio(ours, values['marian'])} | "
+        f"{ratio(ours, values['torch'])} | - |"
     )
 
 

@@ -81,6 +81,11 @@ class VanillaTransformerConfig(PretrainedConfig):
             Dropout on the attention weights. Not in the paper (its tensor2tensor code added it later).
         activation_dropout (`float`, *optional*, defaults to 0.0):
             Dropout after the FFN's activation. Not in the paper.
+        label_smoothing (`float`, *optional*, defaults to 0.0):
+            epsilon_ls of §5.4 for the loss the model returns when given `labels`: the target distribution puts
+            1 - epsilon_ls on the reference token and spreads epsilon_ls evenly over the vocabulary (the paper
+            trains with 0.1; `train.py` sets it from `--label_smoothing_factor`). In training mode the loss is fused
+            with the output projection and skips padded positions (see `fused_linear_cross_entropy`).
         activation_function (`str`, *optional*, defaults to `"relu"`):
             The FFN's non-linearity; ReLU in §3.3.
         max_position_embeddings (`int`, *optional*, defaults to 1024):
@@ -141,6 +146,7 @@ class VanillaTransformerConfig(PretrainedConfig):
     dropout: float = 0.1
     attention_dropout: float = 0.0
     activation_dropout: float = 0.0
+    label_smoothing: float = 0.0
     activation_function: str = "relu"
     max_position_embeddings: int = 1024
     position_embedding_type: str = "sinusoidal"
@@ -185,7 +191,7 @@ class VanillaTransformerConfig(PretrainedConfig):
                     f"`d_model` ({self.d_model}) must be divisible by `{name}` ({heads}): §3.2.2 splits d_model "
                     f"into h heads of d_k = d_model / h."
                 )
-        for name in ("dropout", "attention_dropout", "activation_dropout"):
+        for name in ("dropout", "attention_dropout", "activation_dropout", "label_smoothing"):
             p = getattr(self, name)
             if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
                 raise ValueError(f"`{name}` must be a probability in [0, 1), got {p!r}.")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, get_scheduler
 
@@ -175,3 +176,29 @@ def test_two_process_data_parallel_run(tmp_path):
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 6
     assert (out / "model.safetensors").exists()
+
+
+def test_label_smoothing_moves_into_the_models_fused_loss():
+    """train.py hands --label_smoothing_factor to the model (fused loss, padding skipped) and turns Trainer's own
+    smoother off, which would otherwise pop `labels` and smooth the full logits."""
+    _, _, training_args = train.parse_args(["--label_smoothing_factor", "0.2", "--output_dir", "unused"])
+    model = tiny_model()
+    train.move_label_smoothing_into_model(model, training_args)
+    assert model.config.label_smoothing == 0.2 and training_args.label_smoothing_factor == 0.0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_keep_freed_memory_keeps_a_freed_64_mb_buffer_resident():
+    """Default glibc unmaps a freed 64 MB buffer (RSS falls); after `keep_freed_memory_in_heap` it stays for reuse."""
+    script = (
+        "import sys, torch, train\n"
+        "if sys.argv[1] == 'keep': assert train.keep_freed_memory_in_heap()\n"
+        "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20\n"
+        "x = torch.ones(16 * 2**20); before = rss(); del x\n"
+        "print(before - rss())\n"
+    )
+    freed = {}
+    for mode in ("default", "keep"):
+        out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True, cwd=ROOT)
+        freed[mode] = float(out.stdout.split()[-1])
+    assert freed["default"] > 60 and freed["keep"] < 4, freed
