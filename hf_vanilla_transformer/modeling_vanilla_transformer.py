@@ -99,6 +99,41 @@ class VanillaTransformerLearnedPositionalEmbedding(nn.Embedding):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The linear layer of every projection, with a faster CPU kernel for inference
+# ---------------------------------------------------------------------------------------------------------------
+
+# oneDNN's fp32 linear, the kernel torch.compile's CPU backend emits (absent from torch builds without oneDNN).
+_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+
+
+class VanillaTransformerLinear(nn.Linear):
+    """`nn.Linear` (same parameters, same checkpoint names); without gradients on CPU in fp32 it runs oneDNN's linear
+    instead of torch's default MKL GEMM, except for small matrices applied to few rows.
+
+    Why by hand: for the few rows of a decoding step MKL is far from the memory-bandwidth bound. Measured on a 2-core
+    AMD EPYC (milliseconds, `F.linear` / oneDNN, for 1, 4, 16, 64 and 1024 rows):
+
+        37000 x 512 (base output projection)  8.3 / 4.0, 13.7 / 6.0, 17.7 / 7.8, 37.3 / 15.8
+        2048 x 512 (base fc1)                 0.13 / 0.08, 0.29 / 0.16, 0.40 / 0.30, 1.03 / 0.84, 15.9 / 10.8
+        256 x 256 (small attention)           0.010 / 0.027, 0.018 / 0.035, 0.038 / 0.051, 0.100 / 0.112, 1.37 / 1.34
+
+    oneDNN's fixed cost per call (about 15 us) loses only on small matrices with few rows, hence the rule below.
+    Results agree to float rounding (tests hold them to 1e-5); training (gradients enabled) keeps `F.linear`.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if (
+            _ONEDNN_LINEAR is not None
+            and not torch.is_grad_enabled()
+            and input.device.type == "cpu"
+            and input.dtype == self.weight.dtype == torch.float32
+            and (self.weight.numel() >= 2**19 or input.numel() >= 64 * self.in_features)
+        ):
+            return _ONEDNN_LINEAR(input, self.weight, self.bias, "none", [], "")
+        return super().forward(input)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # §3.2.1 Scaled dot-product attention
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -194,10 +229,10 @@ class VanillaTransformerAttention(nn.Module):
         self.is_cross = is_cross
         self.layer_idx = layer_idx
         self.dropout = config.attention_dropout
-        self.q_proj = nn.Linear(config.d_model, config.d_model)
-        self.k_proj = nn.Linear(config.d_model, config.d_model)
-        self.v_proj = nn.Linear(config.d_model, config.d_model)
-        self.out_proj = nn.Linear(config.d_model, config.d_model)
+        self.q_proj = VanillaTransformerLinear(config.d_model, config.d_model)
+        self.k_proj = VanillaTransformerLinear(config.d_model, config.d_model)
+        self.v_proj = VanillaTransformerLinear(config.d_model, config.d_model)
+        self.out_proj = VanillaTransformerLinear(config.d_model, config.d_model)
         if config.attention_type == "additive":  # per-head W_q, W_k and w of `additive_attention`
             self.additive_query = nn.Parameter(torch.empty(num_heads, self.head_dim, self.head_dim))
             self.additive_key = nn.Parameter(torch.empty(num_heads, self.head_dim, self.head_dim))
@@ -267,8 +302,8 @@ class VanillaTransformerFeedForward(nn.Module):
 
     def __init__(self, config: VanillaTransformerConfig, ffn_dim: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(config.d_model, ffn_dim)
-        self.fc2 = nn.Linear(ffn_dim, config.d_model)
+        self.fc1 = VanillaTransformerLinear(config.d_model, ffn_dim)
+        self.fc2 = VanillaTransformerLinear(ffn_dim, config.d_model)
         self.activation_fn = ACT2FN[config.activation_function]
         self.activation_dropout = config.activation_dropout
 
@@ -997,7 +1032,9 @@ class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedMod
     def __init__(self, config: VanillaTransformerConfig) -> None:
         super().__init__(config)
         self.model = VanillaTransformerModel(config)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)  # §3.4: no bias, tied weight
+        self.lm_head = VanillaTransformerLinear(
+            config.d_model, config.vocab_size, bias=False
+        )  # §3.4: no bias, tied weight
         self.post_init()
         self.generation_config = paper_generation_config(config)
 
@@ -1067,23 +1104,6 @@ class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedMod
             past_key_values.reorder_cache(beam_idx)
         return past_key_values
 
-    def project(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The §3.4 pre-softmax projection, (B, T, D) -> (B, T, V).
-
-        Without gradients on CPU it multiplies by a kept (D, V) copy of the weight instead of calling `lm_head`:
-        MKL's fp32 GEMM reads the (V, D) weight transposed far more slowly when there are few rows, as in every
-        decoding step (at the base size, batch 1: 7.5 ms against 2.9 ms). The copy costs V x D more memory for
-        inference; it is refreshed whenever the weight changes (its storage or its in-place version counter).
-        """
-        weight = self.lm_head.weight
-        if torch.is_grad_enabled() or weight.device.type != "cpu" or self.lm_head.bias is not None:
-            self._head_transposed = None
-            return self.lm_head(hidden_states)
-        key = (weight.data_ptr(), weight._version, weight.dtype)
-        if getattr(self, "_head_transposed", None) is None or self._head_key != key:
-            self._head_transposed, self._head_key = weight.detach().t().contiguous(), key  # (D, V)
-        return torch.matmul(hidden_states, self._head_transposed)
-
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Used by `DataCollatorForSeq2Seq(model=...)`: Trainer's label smoothing pops `labels` before forward."""
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
@@ -1148,7 +1168,7 @@ class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedMod
         if not return_logits and self.lm_head.bias is None:
             loss = fused_linear_cross_entropy(hidden_states, self.lm_head.weight, labels, epsilon)
         else:
-            logits = self.project(hidden_states)  # (B, T, D) -> (B, T, V)
+            logits = self.lm_head(hidden_states)  # (B, T, D) -> (B, T, V)
             if labels is not None:
                 loss = label_smoothed_cross_entropy(logits, labels, epsilon)
         output = Seq2SeqLMOutput(
@@ -1168,6 +1188,7 @@ class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedMod
 __all__ = [
     "SourceLengthLimitLogitsProcessor",
     "VanillaTransformerForConditionalGeneration",
+    "VanillaTransformerLinear",
     "VanillaTransformerModel",
     "VanillaTransformerPreTrainedModel",
     "fused_linear_cross_entropy",
