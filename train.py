@@ -301,12 +301,13 @@ def move_label_smoothing_into_model(model, training_args: PaperTrainingArguments
     """§5.4 label smoothing by the model's own loss instead of Trainer's `LabelSmoother`.
 
     Trainer's smoother pops `labels` and smooths the full (B, T, V) logits; the model, given `labels` in a training
-    step, fuses the smoothed loss with the output projection and skips padded positions
-    (`fused_linear_cross_entropy`): the same loss and gradients, computed faster and in less memory. A checkpoint
-    whose (remote) code predates `config.label_smoothing` keeps Trainer's smoother.
+    step with `fused_training_loss` set, fuses the smoothed loss with the output projection and skips padded
+    positions (`fused_linear_cross_entropy`): the same loss and gradients, computed faster and in less memory. A
+    checkpoint whose (remote) code predates `config.label_smoothing` keeps Trainer's smoother.
     """
     if hasattr(model.config, "label_smoothing"):
         model.config.label_smoothing = training_args.label_smoothing_factor
+        model.fused_training_loss = True
         training_args.label_smoothing_factor = 0.0
 
 

@@ -351,7 +351,8 @@ def training_step(impl: str, model: nn.Module, optimizer: torch.optim.Optimizer)
 
     def step(batch: Batch) -> float:
         if impl == "ours":
-            model.config.label_smoothing = LABEL_SMOOTHING
+            model.config.label_smoothing = LABEL_SMOOTHING  # as train.py sets them
+            model.fused_training_loss = True
             loss = model(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,

@@ -1014,7 +1014,8 @@ def paper_generation_config(config: VanillaTransformerConfig) -> GenerationConfi
 class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedModel, GenerationMixin):
     """The full model of the paper: encoder-decoder, then the pre-softmax linear projection (§3.4), whose weight
     is the shared embedding matrix when `tie_word_embeddings` is set. Given `labels`, returns the mean
-    cross-entropy over the target tokens (positions labelled -100 are ignored).
+    cross-entropy over the target tokens (positions labelled -100 are ignored), label-smoothed by
+    `config.label_smoothing`.
 
     Example:
 
@@ -1028,6 +1029,10 @@ class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedMod
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.encoder.embed_tokens.weight"}
+    # Set on a model (not saved with it) to make training steps return only the loss: Trainer reads nothing else,
+    # and the fused loss skips the (B, T, V) logits. Off by default: a forward with labels returns logits, as in
+    # every transformers model. train.py and the benchmarks turn it on.
+    fused_training_loss: bool = False
 
     def __init__(self, config: VanillaTransformerConfig) -> None:
         super().__init__(config)
@@ -1131,10 +1136,11 @@ class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedMod
             labels (`torch.LongTensor` of shape `(batch, target_len)`, *optional*): target ids, -100 where ignored.
                 Without `decoder_input_ids`, the decoder input is `labels` shifted right. The loss is label-smoothed
                 by `config.label_smoothing` (§5.4).
-            return_logits (`bool`, *optional*): whether to compute the (batch, target_len, V) logits. By default
-                they are left out (`logits` is None) of a training step, i.e. with `labels`, in training mode and
-                with gradients enabled: the loss is then fused with the output projection and skips ignored
-                positions (`fused_linear_cross_entropy`). Pass `True` to get them anyway.
+            return_logits (`bool`, *optional*): `False` leaves the (batch, target_len, V) logits out (`logits` is
+                None) and computes the loss from `labels` fused with the output projection, skipping ignored
+                positions (`fused_linear_cross_entropy`): the same loss and gradients, faster and in less memory.
+                By default the logits are computed, except in training steps (training mode, gradients enabled)
+                when `fused_training_loss` is set on the model, as `train.py` does.
         """
         if labels is not None:
             _check_token_ids("labels", labels[labels != -100], self.config.vocab_size)
@@ -1163,9 +1169,9 @@ class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedMod
         hidden_states = outputs.last_hidden_state  # (B, T, D)
         epsilon = self.config.label_smoothing
         logits = loss = None
-        if return_logits is None:  # a training step needs only the loss: leave the (B, T, V) logits out
-            return_logits = labels is None or not (self.training and torch.is_grad_enabled())
-        if not return_logits and self.lm_head.bias is None:
+        if return_logits is None:
+            return_logits = not (self.fused_training_loss and self.training and torch.is_grad_enabled())
+        if labels is not None and not return_logits and self.lm_head.bias is None:
             loss = fused_linear_cross_entropy(hidden_states, self.lm_head.weight, labels, epsilon)
         else:
             logits = self.lm_head(hidden_states)  # (B, T, D) -> (B, T, V)

@@ -38,8 +38,8 @@ def test_fused_loss_equals_trainer_label_smoother_on_full_logits(monkeypatch, ep
     monkeypatch.setattr(modeling, "FUSED_LOSS_CHUNK_ROWS", chunk_rows)
     model = tiny_model(label_smoothing=epsilon).train()  # dropout 0: both passes compute the same function
     labels = _padded_labels(random_batch()[2])
-    fused_out, fused_loss, fused_grads = _loss_and_grads(model, labels)
-    plain_out, plain_loss, plain_grads = _loss_and_grads(model, labels, return_logits=True)
+    fused_out, fused_loss, fused_grads = _loss_and_grads(model, labels, return_logits=False)
+    plain_out, plain_loss, plain_grads = _loss_and_grads(model, labels)
     assert fused_out.logits is None and plain_out.logits is not None
     assert fused_loss.item() == pytest.approx(plain_loss.item(), abs=1e-5)
     assert plain_out.loss.item() == pytest.approx(plain_loss.item(), abs=1e-5)  # the model's own plain loss too
@@ -64,24 +64,28 @@ def test_fused_loss_matches_the_formula_of_section_5_4():
     assert fused_linear_cross_entropy(hidden, weight, labels, eps).item() == pytest.approx(expected.item(), abs=1e-6)
 
 
-def test_logits_are_left_out_only_of_a_training_step(model):
+def test_logits_are_left_out_only_of_training_steps_that_opted_in(model):
     input_ids, attention_mask, labels = random_batch()
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    assert model(**batch).logits is not None  # eval mode
     model.train()
-    assert model(**batch).logits is None  # training step: loss only
+    assert model(**batch).logits is not None  # the transformers default: logits with the loss
+    assert model(**batch, return_logits=False).logits is None
+    model.fused_training_loss = True  # as train.py sets it
+    assert model(**batch).logits is None  # a training step: the loss only
     assert model(**batch, return_logits=True).logits.shape == (*labels.shape, model.config.vocab_size)
     with torch.no_grad():
         assert model(**batch).logits is not None  # no gradients: not a training step
     assert model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=labels).logits is not None
+    model.eval()
+    assert model(**batch).logits is not None
 
 
 def test_fused_loss_under_bf16_autocast_is_close_to_the_plain_path():
     model = tiny_model(label_smoothing=0.1).train()
     labels = _padded_labels(random_batch()[2])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, fused_loss, fused_grads = _loss_and_grads(model, labels)
-        _, plain_loss, plain_grads = _loss_and_grads(model, labels, return_logits=True)
+        _, fused_loss, fused_grads = _loss_and_grads(model, labels, return_logits=False)
+        _, plain_loss, plain_grads = _loss_and_grads(model, labels)
     assert torch.isfinite(fused_loss)
     assert fused_loss.item() == pytest.approx(plain_loss.item(), rel=2e-2)
     for name in ("model.encoder.embed_tokens.weight", "model.decoder.layers.0.ffn.fc1.weight"):  # tied lm_head

@@ -185,6 +185,7 @@ def test_label_smoothing_moves_into_the_models_fused_loss():
     model = tiny_model()
     train.move_label_smoothing_into_model(model, training_args)
     assert model.config.label_smoothing == 0.2 and training_args.label_smoothing_factor == 0.0
+    assert model.fused_training_loss
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
