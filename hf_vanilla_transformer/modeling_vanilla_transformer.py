@@ -558,7 +558,7 @@ def _check_token_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
     """Out-of-range ids would index past the embedding table. On CPU that is a cryptic IndexError; on CUDA a
     device-side assert. Checking needs a reduction and, on an accelerator, a host sync per step, so it runs on
     CPU only; accelerators keep torch's own device assert."""
-    if ids.device.type != "cpu" or ids.numel() == 0:
+    if ids.device.type != "cpu" or ids.numel() == 0 or torch.compiler.is_compiling():  # no graph break for it
         return
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= vocab_size:
@@ -964,8 +964,9 @@ def fused_linear_cross_entropy(
     hidden_states (B, T, D), weight (V, D), labels (B, T). Same value and gradients as the plain path up to float
     rounding (tests hold them to 1e-5).
     """
-    keep = labels != -100
-    return _FusedLinearCrossEntropy.apply(hidden_states[keep], weight, labels[keep], epsilon, FUSED_LOSS_CHUNK_ROWS)
+    rows = (labels.flatten() != -100).nonzero().squeeze(1)  # the one data-dependent shape (a graph break under compile)
+    hidden, targets = hidden_states.flatten(0, 1).index_select(0, rows), labels.flatten().index_select(0, rows)
+    return _FusedLinearCrossEntropy.apply(hidden, weight, targets, epsilon, FUSED_LOSS_CHUNK_ROWS)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1143,7 +1144,7 @@ class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedMod
                 when `fused_training_loss` is set on the model, as `train.py` does.
         """
         if labels is not None:
-            _check_token_ids("labels", labels[labels != -100], self.config.vocab_size)
+            _check_token_ids("labels", torch.where(labels == -100, 0, labels), self.config.vocab_size)
             if decoder_input_ids is None and decoder_inputs_embeds is None:
                 decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
                 use_cache = False  # training: nothing to cache

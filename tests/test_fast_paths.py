@@ -6,6 +6,8 @@ sums differs), bf16 autocast to 2e-2 relative (bf16 has 8 bits of mantissa).
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from conftest import random_batch, tiny_model
@@ -139,3 +141,25 @@ def test_cached_one_token_steps_equal_the_plain_full_forward():
             steps.append(out.logits)
     assert past._vanilla_cross_mask[0] is attention_mask  # the mask was kept, not rebuilt
     torch.testing.assert_close(torch.cat(steps, dim=1), reference.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_a_cached_decoding_step_compiles_without_graph_breaks():
+    """torch.compile can take a whole decoding step as one graph (the CPU token-id check steps aside while compiling);
+    the training forward breaks only where the fused loss selects the non-padding rows (a data-dependent shape)."""
+    model = tiny_model()
+    input_ids, attention_mask, labels = random_batch()
+    start = torch.ones(2, 1, dtype=torch.long)
+    with torch.no_grad():
+        encoder_outputs = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
+        past = model(
+            encoder_outputs=encoder_outputs, attention_mask=attention_mask, decoder_input_ids=start, use_cache=True
+        ).past_key_values
+        step = {"encoder_outputs": encoder_outputs, "attention_mask": attention_mask, "past_key_values": past}
+        explained = torch._dynamo.explain(model)(**step, decoder_input_ids=start, use_cache=True)
+    assert explained.graph_break_count == 0, [str(reason.reason)[:200] for reason in explained.break_reasons]
+    model.train()
+    model.fused_training_loss = True
+    explained = torch._dynamo.explain(model)(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    lines = {frame.lineno for reason in explained.break_reasons for frame in reason.user_stack[-1:]}
+    source = inspect.getsource(modeling).splitlines()
+    assert all(".nonzero()" in source[line - 1] for line in lines), lines
