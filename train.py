@@ -303,9 +303,11 @@ def move_label_smoothing_into_model(model, training_args: PaperTrainingArguments
     Trainer's smoother pops `labels` and smooths the full (B, T, V) logits; the model, given `labels` in a training
     step with `fused_training_loss` set, fuses the smoothed loss with the output projection and skips padded
     positions (`fused_linear_cross_entropy`): the same loss and gradients, computed faster and in less memory. A
-    checkpoint whose (remote) code predates `config.label_smoothing` keeps Trainer's smoother.
+    checkpoint whose (remote) code predates these keeps Trainer's smoother. The config keeps epsilon: the loss a
+    loaded checkpoint returns is the one it was trained with (set `config.label_smoothing = 0` for plain
+    cross-entropy).
     """
-    if hasattr(model.config, "label_smoothing"):
+    if hasattr(type(model), "fused_training_loss") and hasattr(model.config, "label_smoothing"):
         model.config.label_smoothing = training_args.label_smoothing_factor
         model.fused_training_loss = True
         training_args.label_smoothing_factor = 0.0
