@@ -186,6 +186,12 @@ def test_label_smoothing_moves_into_the_models_fused_loss():
     train.move_label_smoothing_into_model(model, training_args)
     assert model.config.label_smoothing == 0.2 and training_args.label_smoothing_factor == 0.0
     assert model.fused_training_loss
+    # A model whose code has no fused loss (older remote code, another architecture) keeps Trainer's smoother.
+    other = torch.nn.Linear(2, 2)
+    other.config = type("Config", (), {"label_smoothing": 0.0})()
+    _, _, training_args = train.parse_args(["--label_smoothing_factor", "0.2", "--output_dir", "unused"])
+    train.move_label_smoothing_into_model(other, training_args)
+    assert training_args.label_smoothing_factor == 0.2 and other.config.label_smoothing == 0.0
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
