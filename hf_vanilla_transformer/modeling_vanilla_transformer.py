@@ -125,6 +125,7 @@ class VanillaTransformerLinear(nn.Linear):
         if (
             _ONEDNN_LINEAR is not None
             and not torch.is_grad_enabled()
+            and torch.backends.mkldnn.enabled  # a user who turned oneDNN off gets MKL
             and input.device.type == "cpu"
             and input.dtype == self.weight.dtype == torch.float32
             and (self.weight.numel() >= 2**19 or input.numel() >= 64 * self.in_features)
