@@ -367,7 +367,7 @@ def training_step(impl: str, model: nn.Module, optimizer: torch.optim.Optimizer)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
