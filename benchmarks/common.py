@@ -349,10 +349,12 @@ def training_step(impl: str, model: nn.Module, optimizer: torch.optim.Optimizer)
     one op, and faster than Trainer's `LabelSmoother`, which train.py would use for them.
     """
 
+    if impl == "ours":  # as train.py sets them
+        model.config.label_smoothing = LABEL_SMOOTHING
+        model.fused_training_loss = True
+
     def step(batch: Batch) -> float:
         if impl == "ours":
-            model.config.label_smoothing = LABEL_SMOOTHING  # as train.py sets them
-            model.fused_training_loss = True
             loss = model(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,

@@ -84,8 +84,9 @@ class VanillaTransformerConfig(PretrainedConfig):
         label_smoothing (`float`, *optional*, defaults to 0.0):
             epsilon_ls of §5.4 for the loss the model returns when given `labels`: the target distribution puts
             1 - epsilon_ls on the reference token and spreads epsilon_ls evenly over the vocabulary (the paper
-            trains with 0.1; `train.py` sets it from `--label_smoothing_factor`). In training mode the loss is fused
-            with the output projection and skips padded positions (see `fused_linear_cross_entropy`).
+            trains with 0.1; `train.py` sets it from `--label_smoothing_factor`). With `return_logits=False`, or in
+            training steps of a model with `fused_training_loss` set, the loss is fused with the output projection
+            and skips padded positions (see `fused_linear_cross_entropy`).
         activation_function (`str`, *optional*, defaults to `"relu"`):
             The FFN's non-linearity; ReLU in §3.3.
         max_position_embeddings (`int`, *optional*, defaults to 1024):

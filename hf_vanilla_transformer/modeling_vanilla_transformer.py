@@ -759,13 +759,14 @@ class VanillaTransformerDecoder(VanillaTransformerStack):
         such step and kept beside the cache (beam search's reordering cannot change it: all beams of an input share
         their source).
         """
-        kept = getattr(past_key_values, "_vanilla_cross_mask", None) if hidden_states.shape[1] == 1 else None
+        keep = past_key_values is not None and hidden_states.shape[1] == 1
+        kept = getattr(past_key_values, "_vanilla_cross_mask", None) if keep else None
         if kept is not None and kept[0] is encoder_attention_mask:
             return kept[1]
         mask = create_bidirectional_mask(
             self.config, hidden_states, encoder_attention_mask, encoder_hidden_states=encoder_hidden_states
         )
-        if past_key_values is not None and hidden_states.shape[1] == 1:
+        if keep:
             past_key_values._vanilla_cross_mask = (encoder_attention_mask, mask)
         return mask
 
