@@ -53,6 +53,25 @@ def random_batch(seed: int = 0, batch: int = BATCH, src_len: int = SRC_LEN, tgt_
     return input_ids, attention_mask, labels
 
 
+def decode_step_by_step(model, input_ids, attention_mask, decoder_input_ids):
+    """Run the decoder one token at a time through the cache (as generate() does); returns the (B, T, V) logits of
+    all steps and the final cache."""
+    with torch.no_grad():
+        encoder_outputs = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
+        past, steps = None, []
+        for t in range(decoder_input_ids.shape[1]):
+            out = model(
+                encoder_outputs=encoder_outputs,
+                attention_mask=attention_mask,
+                decoder_input_ids=decoder_input_ids[:, t : t + 1],
+                past_key_values=past,
+                use_cache=True,
+            )
+            past = out.past_key_values
+            steps.append(out.logits)
+    return torch.cat(steps, dim=1), past
+
+
 @pytest.fixture
 def model() -> VanillaTransformerForConditionalGeneration:
     return tiny_model()

@@ -10,7 +10,7 @@ import inspect
 
 import pytest
 import torch
-from conftest import random_batch, tiny_model
+from conftest import decode_step_by_step, random_batch, tiny_model
 from transformers.trainer_pt_utils import LabelSmoother
 
 import hf_vanilla_transformer.modeling_vanilla_transformer as modeling
@@ -126,21 +126,9 @@ def test_cached_one_token_steps_equal_the_plain_full_forward():
     input_ids, attention_mask, labels = random_batch()
     decoder_input_ids = torch.cat([torch.ones(2, 1, dtype=torch.long), labels[:, :-1]], dim=1)
     reference = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits
-    with torch.no_grad():
-        encoder_outputs = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
-        past, steps = None, []
-        for t in range(decoder_input_ids.shape[1]):
-            out = model(
-                encoder_outputs=encoder_outputs,
-                attention_mask=attention_mask,
-                decoder_input_ids=decoder_input_ids[:, t : t + 1],
-                past_key_values=past,
-                use_cache=True,
-            )
-            past = out.past_key_values
-            steps.append(out.logits)
+    steps, past = decode_step_by_step(model, input_ids, attention_mask, decoder_input_ids)
     assert past._vanilla_cross_mask[0] is attention_mask  # the mask was kept, not rebuilt
-    torch.testing.assert_close(torch.cat(steps, dim=1), reference.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(steps, reference.detach(), atol=1e-5, rtol=1e-5)
 
 
 def test_a_cached_decoding_step_compiles_without_graph_breaks():

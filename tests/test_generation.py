@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import EOS, PAD, VOCAB, random_batch, tiny_model
+from conftest import EOS, PAD, VOCAB, decode_step_by_step, random_batch, tiny_model
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
 
 from hf_vanilla_transformer.tokenization import train_tokenizer
@@ -42,20 +42,9 @@ def test_cached_step_logits_equal_a_full_forward(attn_implementation):
     decoder_input_ids = torch.cat([torch.ones(3, 1, dtype=torch.long), labels[:, :-1]], dim=1)
     with torch.no_grad():
         full = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits
-        encoder_outputs = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
-        past, steps = None, []
-        for t in range(decoder_input_ids.shape[1]):
-            out = model(
-                encoder_outputs=encoder_outputs,
-                attention_mask=attention_mask,
-                decoder_input_ids=decoder_input_ids[:, t : t + 1],
-                past_key_values=past,
-                use_cache=True,
-            )
-            past = out.past_key_values
-            steps.append(out.logits)
+    steps, past = decode_step_by_step(model, input_ids, attention_mask, decoder_input_ids)
     assert past.get_seq_length() == decoder_input_ids.shape[1]
-    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+    assert torch.allclose(steps, full, atol=1e-5)
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])

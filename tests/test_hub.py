@@ -442,21 +442,24 @@ def copy_checkpoint(saved: Path, tmp_path: Path) -> Path:
     return folder
 
 
-def test_pickle_weights_are_never_loaded(saved, tmp_path):
+def pickle_only_checkpoint(saved: Path, tmp_path: Path) -> Path:
+    """A copy of the checkpoint whose weights are in pytorch_model.bin (a pickle) instead of model.safetensors."""
     folder = copy_checkpoint(saved, tmp_path)
     state = load_file(str(folder / "model.safetensors"))
     (folder / "model.safetensors").unlink()
     torch.save(state, folder / "pytorch_model.bin")
+    return folder
+
+
+def test_pickle_weights_are_never_loaded(saved, tmp_path):
+    folder = pickle_only_checkpoint(saved, tmp_path)
     with pytest.raises(OSError, match=r"model\.safetensors"):
         AutoModelForSeq2SeqLM.from_pretrained(folder)
 
 
 def test_pickle_weights_are_refused_when_safetensors_is_required(saved, tmp_path):
     """The explicit opt-in, which this model's from_pretrained makes the default."""
-    folder = copy_checkpoint(saved, tmp_path)
-    state = load_file(str(folder / "model.safetensors"))
-    (folder / "model.safetensors").unlink()
-    torch.save(state, folder / "pytorch_model.bin")
+    folder = pickle_only_checkpoint(saved, tmp_path)
     with pytest.raises(OSError, match=r"no file named model\.safetensors"):
         AutoModelForSeq2SeqLM.from_pretrained(folder, use_safetensors=True)
 
