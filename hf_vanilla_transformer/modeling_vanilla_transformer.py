@@ -108,27 +108,33 @@ _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.b
 
 class VanillaTransformerLinear(nn.Linear):
     """`nn.Linear` (same parameters, same checkpoint names); without gradients on CPU in fp32 it runs oneDNN's linear
-    instead of torch's default MKL GEMM, except for small matrices applied to few rows.
+    instead of torch's default MKL GEMM.
 
-    Why by hand: for the few rows of a decoding step MKL is far from the memory-bandwidth bound. Measured on a 2-core
-    AMD EPYC (milliseconds, `F.linear` / oneDNN, for 1, 4, 16, 64 and 1024 rows):
+    Why by hand: a decoding step multiplies each weight matrix by a few rows, once, after the rest of the model has
+    pushed it out of cache, and there MKL is far from the memory-bandwidth bound. `benchmarks/linear_kernels.py`
+    measures the kernels in that state; on a 2-core AMD EPYC, microseconds per call, `F.linear` / oneDNN, for 1, 4,
+    16 and 64 rows:
 
-        37000 x 512 (base output projection)  8.3 / 4.0, 13.7 / 6.0, 17.7 / 7.8, 37.3 / 15.8
-        2048 x 512 (base fc1)                 0.13 / 0.08, 0.29 / 0.16, 0.40 / 0.30, 1.03 / 0.84, 15.9 / 10.8
-        256 x 256 (small attention)           0.010 / 0.027, 0.018 / 0.035, 0.038 / 0.051, 0.100 / 0.112, 1.37 / 1.34
+        37000 x 512 (base output projection)   6929 / 2829, 12579 / 4248, 13259 / 6216, 25520 / 16572
+        2048 x 512 (base fc1)                  398 / 193, 575 / 281, 567 / 388, 1126 / 822
+        512 x 512 (base attention)             104 / 65, 142 / 89, 137 / 116, 259 / 226
+        1024 x 256 (small fc1)                 60 / 43, 147 / 84, 143 / 118, 299 / 233
+        256 x 256 (small attention)            19 / 24, 39 / 36, 39 / 45, 73 / 77
 
-    oneDNN's fixed cost per call (about 15 us) loses only on small matrices with few rows, hence the rule below.
-    Results agree to float rounding (tests hold them to 1e-5); training (gradients enabled) keeps `F.linear`.
+    Only the smallest matrices lose a little (oneDNN has a fixed cost of some 15 us a call), yet whole `generate()`
+    calls took 1.00-1.15x less time with oneDNN for every layer than with matrices under 2**19 entries left on MKL
+    below 64 rows (small and base sizes, batch 1 and 16, greedy and beam 4), so one rule serves all. Results agree
+    to float rounding (tests hold them to 1e-5); training (gradients enabled) keeps `F.linear`, whose backward
+    oneDNN's op lacks.
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if (
             _ONEDNN_LINEAR is not None
             and not torch.is_grad_enabled()
-            and torch.backends.mkldnn.enabled  # a user who turned oneDNN off gets MKL
-            and input.device.type == "cpu"
             and input.dtype == self.weight.dtype == torch.float32
-            and (self.weight.numel() >= 2**19 or input.numel() >= 64 * self.in_features)
+            and input.device.type == "cpu"
+            and torch.backends.mkldnn.enabled  # a user who turned oneDNN off gets MKL
         ):
             return _ONEDNN_LINEAR(input, self.weight, self.bias, "none", [], "")
         return super().forward(input)
