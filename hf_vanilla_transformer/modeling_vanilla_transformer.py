@@ -166,6 +166,36 @@ def scaled_dot_product_attention(
     return _attend(module, scores, value, attention_mask, dropout)
 
 
+def sdpa_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The same function through torch's fused kernel, `F.scaled_dot_product_attention`: the "sdpa" implementation.
+    Same inputs and output layout as `scaled_dot_product_attention`; no attention weights.
+
+    Why not transformers' `sdpa_attention_forward`: it also serves grouped-query, paged and position-bias attention,
+    which this model has none of, and its checks cost more than the kernel in a decoding step at batch 1 (six calls
+    per decoder layer per generated token).
+    """
+    is_causal = False
+    if attention_mask is None and module.is_causal and query.shape[2] > 1:
+        if key.shape[2] == query.shape[2]:
+            is_causal = True  # the kernel's own causal masking, no mask tensor
+        else:  # new tokens after cached ones: the kernel's causal mask would align to the top left, not bottom right
+            q_len, k_len = query.shape[2], key.shape[2]
+            attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+    output = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=is_causal
+    )
+    return output.transpose(1, 2).contiguous(), None
+
+
 def additive_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -280,12 +310,13 @@ class VanillaTransformerAttention(nn.Module):
         query = self._split_heads(self.q_proj(hidden_states))  # (B, H, Tq, Dh)
         source = key_value_states if self.is_cross else hidden_states
         key, value = self._keys_values(source, past_key_values)
+        implementation = self.config._attn_implementation
         if self.attention_type == "additive":  # no fused kernel computes additive scores
             attention_fn: Callable = additive_attention
+        elif implementation == "sdpa":
+            attention_fn = sdpa_attention
         else:
-            attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(
-                self.config._attn_implementation, scaled_dot_product_attention
-            )
+            attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, scaled_dot_product_attention)
         output, weights = attention_fn(
             self,
             query,
@@ -316,7 +347,8 @@ class VanillaTransformerFeedForward(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = self.activation_fn(self.fc1(hidden_states))
-        hidden_states = F.dropout(hidden_states, p=self.activation_dropout, training=self.training)
+        if self.training:  # skipped, not called as a no-op: per-call overhead adds up in a decoding step
+            hidden_states = F.dropout(hidden_states, p=self.activation_dropout)
         return self.fc2(hidden_states)
 
 
@@ -385,8 +417,11 @@ class VanillaTransformerSublayer(nn.Module):
         padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self.normalize_before:
-            return x + F.dropout(sublayer(self.norm(x, padding_mask)), p=self.dropout, training=self.training)
-        return self.norm(x + F.dropout(sublayer(x), p=self.dropout, training=self.training), padding_mask)
+            return x + self._dropout(sublayer(self.norm(x, padding_mask)))
+        return self.norm(x + self._dropout(sublayer(x)), padding_mask)
+
+    def _dropout(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, p=self.dropout) if self.training else x
 
 
 class VanillaTransformerEncoderLayer(GradientCheckpointingLayer):
@@ -567,7 +602,7 @@ def _check_token_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
     CPU only; accelerators keep torch's own device assert."""
     if ids.device.type != "cpu" or ids.numel() == 0 or torch.compiler.is_compiling():  # no graph break for it
         return
-    low, high = int(ids.min()), int(ids.max())
+    low, high = (int(bound) for bound in torch.aminmax(ids))
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise ValueError(f"`{name}` holds token id {bad}, outside the vocabulary [0, {vocab_size}).")
@@ -625,7 +660,7 @@ class VanillaTransformerStack(nn.Module):
             inputs_embeds = self.embed_tokens(input_ids)  # (B, L) -> (B, L, D)
         positions = self.embed_positions(inputs_embeds.shape[1], past_length)  # (L, D)
         hidden_states = inputs_embeds * self.embed_scale + positions.to(inputs_embeds.dtype)
-        return F.dropout(hidden_states, p=self.config.dropout, training=self.training)
+        return F.dropout(hidden_states, p=self.config.dropout) if self.training else hidden_states
 
     def norm_padding_mask(
         self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, length: int, from_ids: bool

@@ -116,6 +116,32 @@ def test_inference_linear_equals_f_linear(rows, shape, monkeypatch):
     assert layer(x).requires_grad and len(calls) == 2  # with gradients: F.linear, differentiable
 
 
+@pytest.mark.parametrize(
+    ("causal", "q_len", "k_len", "mask"),
+    [
+        (True, 5, 5, None),  # training / a full forward: the kernel's own causal masking
+        (True, 2, 6, None),  # two new tokens after four cached ones: causal, aligned to the bottom right
+        (True, 1, 6, None),  # a decoding step: nothing to mask
+        (False, 3, 7, "bool"),  # cross-attention over a padded source
+        (False, 3, 7, "float"),
+    ],
+)
+def test_sdpa_attention_equals_the_eager_formula(causal, q_len, k_len, mask):
+    """Our direct call of torch's fused kernel against the written-out softmax(QK^T / sqrt(d_k)) V of §3.2.1."""
+    torch.manual_seed(0)
+    query, key, value = torch.randn(2, 4, q_len, 8), torch.randn(2, 4, k_len, 8), torch.randn(2, 4, k_len, 8)
+    module = torch.nn.Module()
+    module.is_causal = causal
+    if mask is not None:
+        keep = torch.ones(2, 1, q_len, k_len, dtype=torch.bool)
+        keep[1, ..., -2:] = False  # the second source ends in two padding positions
+        mask = keep if mask == "bool" else torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    expected, _ = modeling.scaled_dot_product_attention(module, query, key, value, mask, scaling=8**-0.5)
+    output, weights = modeling.sdpa_attention(module, query, key, value, mask, scaling=8**-0.5)
+    assert weights is None and output.shape == (2, q_len, 4, 8)
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_inference_logits_equal_training_path_logits(model):
     """The whole model without gradients (oneDNN linears, kept masks) against the same forward with gradients."""
     input_ids, attention_mask, labels = random_batch()
