@@ -317,6 +317,9 @@ class VanillaTransformerAttention(nn.Module):
             attention_fn = sdpa_attention
         else:
             attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, scaled_dot_product_attention)
+        group = query.shape[0] // key.shape[0]  # cross-attention with `rows_per_source` > 1: rows per source
+        if group > 1:  # (B * g, H, Tq, Dh) -> (B, H, g * Tq, Dh): a source's g rows become more queries of its keys
+            query = query.unflatten(0, (-1, group)).transpose(1, 2).flatten(2, 3)
         output, weights = attention_fn(
             self,
             query,
@@ -326,6 +329,10 @@ class VanillaTransformerAttention(nn.Module):
             dropout=self.dropout if self.training else 0.0,
             scaling=self.scaling,
         )
+        if group > 1:  # back to one row per decoder row: (B, g * Tq, H, Dh) -> (B * g, Tq, H, Dh)
+            output = output.unflatten(1, (group, -1)).flatten(0, 1)
+            if weights is not None:  # (B, H, g * Tq, Tk) -> (B * g, H, Tq, Tk)
+                weights = weights.unflatten(2, (group, -1)).transpose(1, 2).flatten(0, 1)
         output = self.out_proj(output.reshape(*hidden_states.shape[:-1], -1))  # Concat(heads) W^O: (B, Tq, D)
         return output, (weights if output_attentions else None)
 
@@ -615,6 +622,14 @@ def _check_mask(name: str, mask: torch.Tensor | None, batch_size: int, length: i
         )
 
 
+def _check_batches(source_batch: int, decoder_batch: int, rows_per_source: int) -> None:
+    if decoder_batch != source_batch * rows_per_source:
+        per_source = f" times rows_per_source={rows_per_source}" if rows_per_source != 1 else ""
+        raise ValueError(
+            f"Batch sizes differ: the source has {source_batch} rows{per_source}, the decoder input {decoder_batch}."
+        )
+
+
 def _batch_and_length(ids: torch.Tensor | None, embeds: torch.Tensor | None, name: str) -> tuple[int, int]:
     if (ids is None) == (embeds is None):
         raise ValueError(f"Pass exactly one of `{name}` and `{name.replace('input_ids', 'inputs_embeds')}`.")
@@ -794,7 +809,8 @@ class VanillaTransformerDecoder(VanillaTransformerStack):
         encoder_attention_mask: torch.Tensor | None,
         past_key_values: Cache | None,
     ) -> torch.Tensor | None:
-        """The source padding mask for cross-attention, (B, 1, T, S), or None where there is no padding.
+        """The source padding mask for cross-attention, (B, 1, T, S) (or (B, 1, 1, S) for several decoder rows per
+        source), or None where there is no padding.
 
         A one-token decoding step gets the same mask at every step of one `generate()` call: it is built at the first
         such step and kept beside the cache (beam search's reordering cannot change it: all beams of an input share
@@ -804,6 +820,10 @@ class VanillaTransformerDecoder(VanillaTransformerStack):
         kept = getattr(past_key_values, "_vanilla_cross_mask", None) if keep else None
         if kept is not None and kept[0] is encoder_attention_mask:
             return kept[1]
+        if hidden_states.shape[0] != encoder_hidden_states.shape[0]:
+            # Several decoder rows per source (`rows_per_source`): one mask row per source, (B, 1, 1, S), which
+            # broadcasts over all its queries. Only the batch size, dtype and device of the first argument are read.
+            hidden_states = encoder_hidden_states[:, :1]
         mask = create_bidirectional_mask(
             self.config, hidden_states, encoder_attention_mask, encoder_hidden_states=encoder_hidden_states
         )
@@ -854,6 +874,7 @@ class VanillaTransformerModel(VanillaTransformerPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        rows_per_source: int = 1,
         **kwargs: Any,
     ) -> Seq2SeqModelOutput | tuple:
         r"""
@@ -864,6 +885,11 @@ class VanillaTransformerModel(VanillaTransformerPreTrainedModel):
             decoder_attention_mask (`torch.Tensor` of shape `(batch, past_len + target_len)`, *optional*).
             encoder_outputs (`BaseModelOutput`, *optional*): a precomputed encoder output (generate() passes it).
             past_key_values (`EncoderDecoderCache`, *optional*): the decoding cache.
+            rows_per_source (`int`, defaults to 1): how many consecutive decoder rows each source row serves. With
+                k > 1 the decoder batch is k times the source batch (beam search's layout: the beams of input i are
+                rows i * k to i * k + k - 1), and cross-attention reads each source's keys and values once for all
+                k rows instead of from k copies. `generate()` passes the beam count (times `num_return_sequences`)
+                here rather than repeating the encoder output.
         """
         if use_cache is None:  # a training forward (Trainer passes decoder_input_ids, no labels) caches nothing
             use_cache = self.config.use_cache and not self.training
@@ -877,12 +903,11 @@ class VanillaTransformerModel(VanillaTransformerPreTrainedModel):
         if decoder_input_ids is None and decoder_inputs_embeds is None:
             raise ValueError("Pass `decoder_input_ids` (or `labels`, from which they are made) to run the decoder.")
         decoder_batch = (decoder_input_ids if decoder_input_ids is not None else decoder_inputs_embeds).shape[0]
+        if not isinstance(rows_per_source, int) or rows_per_source < 1:
+            raise ValueError(f"`rows_per_source` must be a positive integer, got {rows_per_source!r}.")
         if encoder_outputs is None:
             source_batch, _ = _batch_and_length(input_ids, inputs_embeds, "input_ids")
-            if source_batch != decoder_batch:
-                raise ValueError(
-                    f"Batch sizes differ: the source has {source_batch} rows, the decoder input {decoder_batch}."
-                )
+            _check_batches(source_batch, decoder_batch, rows_per_source)
             encoder_outputs = self.encoder(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -895,11 +920,12 @@ class VanillaTransformerModel(VanillaTransformerPreTrainedModel):
             encoder_outputs = BaseModelOutput(*encoder_outputs)
         encoder_hidden_states = encoder_outputs.last_hidden_state
         _check_mask("attention_mask", attention_mask, *encoder_hidden_states.shape[:2])
-        if decoder_batch != encoder_hidden_states.shape[0]:
-            raise ValueError(
-                f"Batch sizes differ: the source has {encoder_hidden_states.shape[0]} rows, the decoder input "
-                f"{decoder_batch}."
-            )
+        _check_batches(encoder_hidden_states.shape[0], decoder_batch, rows_per_source)
+        if rows_per_source > 1 and self.config._attn_implementation not in ("eager", "sdpa"):
+            # Other kernels (flash, flex) take masks in their own formats, one row per query row: repeat instead.
+            encoder_hidden_states = encoder_hidden_states.repeat_interleave(rows_per_source, dim=0)
+            if attention_mask is not None:
+                attention_mask = attention_mask.repeat_interleave(rows_per_source, dim=0)
         decoder_outputs = self.decoder(
             input_ids=decoder_input_ids,
             attention_mask=decoder_attention_mask,
@@ -1140,6 +1166,25 @@ class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedMod
         hidden = kwargs["encoder_outputs"].last_hidden_state  # (B, S, D)
         return torch.full((hidden.shape[0],), hidden.shape[1], device=hidden.device)
 
+    def _expand_inputs_for_generation(
+        self,
+        expand_size: int = 1,
+        is_encoder_decoder: bool = False,
+        input_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor | None, dict[str, Any]]:
+        """Beam search and `num_return_sequences` decode `expand_size` rows per input. transformers repeats the
+        encoder output and the source mask that many times; here they stay one row per input and the forward gets
+        `rows_per_source=expand_size`. Cross-attention then projects and reads each source's keys and values once
+        for all its rows: with beam 4 that is a quarter of the cross-attention keys and values to compute, to hold
+        and to read at every step. (`return_dict_in_generate` therefore returns encoder states per input, not per
+        beam.)"""
+        if expand_size == 1 or not is_encoder_decoder or kwargs.get("encoder_outputs") is None:
+            return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **kwargs)
+        per_source = {key: kwargs.pop(key) for key in ("encoder_outputs", "attention_mask") if key in kwargs}
+        input_ids, kwargs = super()._expand_inputs_for_generation(expand_size, False, input_ids, **kwargs)
+        return input_ids, {**kwargs, **per_source, "rows_per_source": expand_size}
+
     def _reorder_cache(self, past_key_values: Cache, beam_idx: torch.Tensor) -> Cache:
         """Beam search: reorder only the decoder self-attention cache.
 
@@ -1173,6 +1218,7 @@ class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedMod
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         return_logits: bool | None = None,
+        rows_per_source: int = 1,
         **kwargs: Any,
     ) -> Seq2SeqLMOutput | tuple:
         r"""
@@ -1209,6 +1255,7 @@ class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedMod
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            rows_per_source=rows_per_source,
         )
         hidden_states = outputs.last_hidden_state  # (B, T, D)
         epsilon = self.config.label_smoothing

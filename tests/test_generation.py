@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import EOS, PAD, VOCAB, decode_step_by_step, random_batch, tiny_model
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
+from transformers import AttentionInterface, AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
+from transformers.generation.utils import GenerationMixin
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from hf_vanilla_transformer.tokenization import train_tokenizer
 
@@ -149,6 +151,77 @@ def test_num_return_sequences_with_beams():
     )
     scores = scored.sequences_scores.view(2, 3)
     assert (scores[:, :-1] >= scores[:, 1:]).all()  # best first
+
+
+# ------------------------------------------------------------------------- one encoder output for several rows
+
+
+def _repeated_source(model, monkeypatch):
+    """Make `generate()` repeat the encoder output per beam, as transformers does for every other model."""
+    monkeypatch.setattr(type(model), "_expand_inputs_for_generation", GenerationMixin._expand_inputs_for_generation)
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa", "repeat_interleave_fallback"])
+def test_rows_per_source_equals_repeating_the_source(attn_implementation):
+    """A forward with k decoder rows per source against the same forward with the source repeated k times; the
+    third case is an attention implementation of transformers' registry, which gets repeated rows instead."""
+    model = tiny_model(seed=9)
+    if attn_implementation == "repeat_interleave_fallback":
+        AttentionInterface.register(attn_implementation, ALL_ATTENTION_FUNCTIONS["sdpa"])
+    model.set_attn_implementation(attn_implementation)
+    input_ids, attention_mask, labels = random_batch(seed=4, batch=2)  # the second source is padded
+    decoder_input_ids = torch.cat([torch.ones(2, 1, dtype=torch.long), labels[:, :-1]], dim=1)
+    decoder_input_ids = torch.cat([decoder_input_ids, decoder_input_ids.flip(1)]).view(2, 2, -1)  # two per source
+    decoder_input_ids = decoder_input_ids.transpose(0, 1).reshape(4, -1)  # rows 0, 1: source 0; rows 2, 3: source 1
+    eager = attn_implementation == "eager"
+    with torch.no_grad():
+        grouped = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids,
+            rows_per_source=2,
+            output_attentions=eager,
+        )
+        repeated = model(
+            input_ids=input_ids.repeat_interleave(2, dim=0),
+            attention_mask=attention_mask.repeat_interleave(2, dim=0),
+            decoder_input_ids=decoder_input_ids,
+            output_attentions=eager,
+        )
+    torch.testing.assert_close(grouped.logits, repeated.logits, atol=1e-5, rtol=1e-5)
+    if eager:  # the attention weights come back one row per decoder row
+        for ours, theirs in zip(grouped.cross_attentions, repeated.cross_attentions, strict=True):
+            torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_beam_search_keeps_one_encoder_output_per_input_and_finds_the_same_beams(attn_implementation, monkeypatch):
+    model = tiny_model(seed=4)
+    model.set_attn_implementation(attn_implementation)
+    input_ids, attention_mask, _ = random_batch(seed=2, batch=3)
+    kwargs = {"attention_mask": attention_mask, "num_beams": 4, "num_return_sequences": 2, "max_new_tokens": 9}
+    kwargs.update(output_scores=True, return_dict_in_generate=True)
+    seen_batches = []
+    forward = model.forward
+    model.forward = lambda **inputs: seen_batches.append(inputs["attention_mask"].shape[0]) or forward(**inputs)
+    ours = model.generate(input_ids, **kwargs)
+    assert set(seen_batches) == {3}  # the source mask (and encoder output) stayed one row per input
+    del model.forward
+    _repeated_source(model, monkeypatch)
+    reference = model.generate(input_ids, **kwargs)
+    assert torch.equal(ours.sequences, reference.sequences)
+    torch.testing.assert_close(ours.sequences_scores, reference.sequences_scores, atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_several_sequences_per_input_is_unchanged_by_keeping_one_encoder_output(monkeypatch):
+    model = tiny_model(seed=5)
+    input_ids, attention_mask, _ = random_batch(seed=6, batch=2)
+    kwargs = {"attention_mask": attention_mask, "do_sample": True, "num_return_sequences": 3, "max_new_tokens": 10}
+    torch.manual_seed(3)
+    ours = model.generate(input_ids, **kwargs)
+    _repeated_source(model, monkeypatch)
+    torch.manual_seed(3)
+    assert torch.equal(ours, model.generate(input_ids, **kwargs))
 
 
 # ----------------------------------------------------------------------------------------------- pipelines

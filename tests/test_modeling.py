@@ -378,6 +378,11 @@ def test_auto_model_from_config_and_encoder_decoder_accessors():
         ({"input_ids": torch.tensor([[5, 6]]), "attention_mask": torch.ones(1, 3)}, r"\(1, 3\).*\(1, 2\)"),
         ({"input_ids": torch.tensor([[5, 6], [7, 8]]), "labels": torch.tensor([[5, EOS]])}, "Batch sizes differ"),
         ({"input_ids": torch.tensor([5, 6])}, "2 dimensions"),
+        ({"input_ids": torch.tensor([[5, 6]]), "rows_per_source": 0}, "positive integer, got 0"),
+        (
+            {"input_ids": torch.tensor([[5, 6]]), "labels": torch.tensor([[5, EOS]] * 3), "rows_per_source": 2},
+            "1 rows times rows_per_source=2, the decoder input 3",
+        ),
         ({"input_ids": torch.tensor([[5, 6]]), "labels": torch.tensor([[5, 99]])}, "token id 99"),
         (
             {
