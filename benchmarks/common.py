@@ -17,7 +17,6 @@ Axes: B batch, S source length, T target length, D d_model, V vocabulary, L_e / 
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import math
 import random
@@ -505,28 +504,47 @@ def generation_benchmark(
     models, diffs = build_models(size, ("ours", "marian"))
     vocab_size = models["ours"].config.vocab_size
     results: dict[str, dict] = {"setup": {"max_logit_diff_marian": diffs["marian"]}}
-    with contextlib.ExitStack() as stack:
-        if with_ctranslate2 and ctranslate2_backend.available():
-            directory = stack.enter_context(tempfile.TemporaryDirectory())
+    cases = [
+        (f"{mode}_b{batch_size}", fixed_length_generation_config(beams, new_tokens), batch_size)
+        for mode, beams in GENERATION_CASES
+        for batch_size in batch_sizes
+    ]
+    outputs: dict[str, dict[str, torch.Tensor]] = {}
+    with torch.inference_mode():
+        for case, config, batch_size in cases:
+            input_ids, attention_mask = source_batch(vocab_size, batch_size, seed=batch_size)
+            times, outputs[case] = _time_generation(models, config, input_ids, attention_mask, repeats)
+            if outputs[case]["ours"].shape[1] != new_tokens + 1 or outputs[case]["marian"].shape != (
+                outputs[case]["ours"].shape
+            ):
+                raise AssertionError(f"Not a fixed-length run: {tuple(outputs[case]['ours'].shape)}")
+            results[case] = {"times_s": times}
+    # CTranslate2 is timed after every torch case, not between them: once it has run, the torch models timed after it
+    # in the same process were slower, even seconds later in the next case (small size, greedy batch 16, timed after
+    # CTranslate2 had run the batch-1 case: 9.3-11.3 ms per token, against 6.6-7.0 without CTranslate2).
+    if with_ctranslate2 and ctranslate2_backend.available():
+        with tempfile.TemporaryDirectory() as directory, torch.inference_mode():
             models["ctranslate2"] = ctranslate2_backend.load_translator(
                 ctranslate2_backend.convert(models["ours"], directory)
             )
-        with torch.inference_mode():
-            for mode, beams in GENERATION_CASES:
-                config = fixed_length_generation_config(beams, new_tokens)
-                for batch_size in batch_sizes:
-                    input_ids, attention_mask = source_batch(vocab_size, batch_size, seed=batch_size)
-                    times, outputs = _time_generation(models, config, input_ids, attention_mask, repeats)
-                    if outputs["ours"].shape[1] != new_tokens + 1 or outputs["marian"].shape != outputs["ours"].shape:
-                        raise AssertionError(f"Not a fixed-length run: {tuple(outputs['ours'].shape)}")
-                    row: dict[str, Any] = {impl: batch_size * new_tokens / median(times[impl]) for impl in models}
-                    row["ratio"] = row["ours"] / row["marian"]
-                    for impl in models:
-                        if impl != "ours":
-                            row[f"same_output_{impl}"] = bool(torch.equal(outputs["ours"], outputs[impl]))
-                    row["same_output"] = row["same_output_marian"]
-                    row["times_s"] = times
-                    results[f"{mode}_b{batch_size}"] = row
+            for case, config, batch_size in cases:
+                input_ids, attention_mask = source_batch(vocab_size, batch_size, seed=batch_size)
+                times, ct2_outputs = _time_generation(
+                    {"ctranslate2": models["ctranslate2"]}, config, input_ids, attention_mask, repeats
+                )
+                results[case]["times_s"].update(times)
+                outputs[case].update(ct2_outputs)
+            del models["ctranslate2"]  # its threads go with it, before the next size's torch models are timed
+    for case, _config, batch_size in cases:
+        row = results[case]
+        times = row.pop("times_s")
+        row.update({impl: batch_size * new_tokens / median(ts) for impl, ts in times.items()})
+        row["ratio"] = row["ours"] / row["marian"]
+        for impl in times:
+            if impl != "ours":
+                row[f"same_output_{impl}"] = bool(torch.equal(outputs[case]["ours"], outputs[case][impl]))
+        row["same_output"] = row["same_output_marian"]
+        row["times_s"] = times
     return results
 
 
@@ -549,14 +567,7 @@ def _time_generation(
 
         return run
 
-    # CTranslate2 is timed after the two torch models, not between them: its OpenMP threads keep spinning for a while
-    # after each call (Intel OpenMP's KMP_BLOCKTIME, 200 ms), which stole the cores from whichever torch model ran
-    # next (up to 1.2x slower, measured).
-    torch_models = [impl for impl in models if impl != "ctranslate2"]
-    times = alternate({impl: runner(impl) for impl in torch_models}, repeats)
-    if "ctranslate2" in models:
-        times.update(alternate({"ctranslate2": runner("ctranslate2")}, repeats))
-    return times, outputs
+    return alternate({impl: runner(impl) for impl in models}, repeats), outputs
 
 
 def format_generation(size: str, results: dict[str, dict]) -> list[str]:
