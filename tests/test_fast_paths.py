@@ -163,6 +163,76 @@ def test_cached_one_token_steps_equal_the_plain_full_forward():
     torch.testing.assert_close(steps, reference.detach(), atol=1e-5, rtol=1e-5)
 
 
+def _count_decoding_steps(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    step = modeling.VanillaTransformerDecoderLayer.decoding_step
+    monkeypatch.setattr(
+        modeling.VanillaTransformerDecoderLayer,
+        "decoding_step",
+        lambda self, *args: calls.append(1) or step(self, *args),
+    )
+    return calls
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generate_runs_the_decoding_step_and_gets_what_the_general_layer_gets(
+    attn_implementation, num_beams, monkeypatch
+):
+    """`generate()` takes `VanillaTransformerDecoderLayer.decoding_step` (checked, so this cannot pass by not taking
+    it), and finds the same tokens with scores within 1e-5 as with every step through the general `forward`."""
+    model = tiny_model(seed=3)
+    model.set_attn_implementation(attn_implementation)
+    input_ids, attention_mask, _ = random_batch(seed=7, batch=3)
+    kwargs = {"attention_mask": attention_mask, "num_beams": num_beams, "max_new_tokens": 8, "min_new_tokens": 8}
+    kwargs.update(output_scores=True, return_dict_in_generate=True)
+    calls = _count_decoding_steps(monkeypatch)
+    lean = model.generate(input_ids, **kwargs)
+    assert len(calls) == 8 * model.config.decoder_layers  # every step, every layer
+    monkeypatch.setattr(modeling.VanillaTransformerDecoderLayer, "is_decoding_step", lambda *args: False)
+    general = model.generate(input_ids, **kwargs)
+    assert len(calls) == 8 * model.config.decoder_layers
+    assert torch.equal(lean.sequences, general.sequences)
+    for ours, theirs in zip(lean.scores, general.scores, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "call"),
+    [
+        ({}, {"output_attentions": True}),  # attention weights: only the general path returns them
+        ({"norm_type": "batchnorm"}, {}),
+        ({"attention_type": "additive"}, {}),
+    ],
+)
+def test_the_decoding_step_stands_aside_where_it_does_not_apply(overrides, call, monkeypatch):
+    model = tiny_model(**overrides)
+    if call.get("output_attentions"):
+        model.set_attn_implementation("eager")
+    input_ids, attention_mask, labels = random_batch()
+    decoder_input_ids = torch.cat([torch.ones(2, 1, dtype=torch.long), labels[:, :-1]], dim=1)
+    calls = _count_decoding_steps(monkeypatch)
+    with torch.no_grad():
+        out = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids[:, :1])
+        calls.clear()  # the first step may take it (no attention weights asked for there)
+        model(
+            encoder_outputs=(out.encoder_last_hidden_state,),
+            attention_mask=attention_mask,
+            decoder_input_ids=decoder_input_ids[:, 1:2],
+            past_key_values=out.past_key_values,
+            **call,
+        )
+    assert calls == []
+
+
+def test_the_decoding_step_stands_aside_in_training_mode(monkeypatch):
+    model = tiny_model().train()  # dropout 0: the same function, but the general path must run
+    input_ids, attention_mask, labels = random_batch()
+    calls = _count_decoding_steps(monkeypatch)
+    decode_step_by_step(model, input_ids, attention_mask, labels[:, :2])
+    assert calls == []
+
+
 def test_a_cached_decoding_step_compiles_without_graph_breaks():
     """torch.compile can take a whole decoding step as one graph (the CPU token-id check steps aside while compiling);
     the training forward breaks only where the fused loss selects the non-padding rows (a data-dependent shape)."""
