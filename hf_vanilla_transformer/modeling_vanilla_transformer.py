@@ -135,6 +135,7 @@ class VanillaTransformerLinear(nn.Linear):
             and input.dtype == self.weight.dtype == torch.float32
             and input.device.type == "cpu"
             and torch.backends.mkldnn.enabled  # a user who turned oneDNN off gets MKL
+            and not torch.compiler.is_compiling()  # inductor cannot lower this op; it picks its own GEMM
         ):
             return _ONEDNN_LINEAR(input, self.weight, self.bias, "none", [], "")
         return super().forward(input)

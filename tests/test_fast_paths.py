@@ -6,6 +6,7 @@ sums differs), bf16 autocast to 2e-2 relative (bf16 has 8 bits of mantissa).
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import pytest
@@ -244,9 +245,16 @@ def test_a_cached_decoding_step_compiles_without_graph_breaks():
         past = model(
             encoder_outputs=encoder_outputs, attention_mask=attention_mask, decoder_input_ids=start, use_cache=True
         ).past_key_values
+        past_copy = copy.deepcopy(past)
         step = {"encoder_outputs": encoder_outputs, "attention_mask": attention_mask, "past_key_values": past}
         explained = torch._dynamo.explain(model)(**step, decoder_input_ids=start, use_cache=True)
+        step["past_key_values"] = past = copy.deepcopy(past_copy)  # explain ran the step: undo its append
     assert explained.graph_break_count == 0, [str(reason.reason)[:200] for reason in explained.break_reasons]
+    with torch.no_grad():  # and inductor compiles and runs it (the inference linears step aside for its own GEMMs)
+        reference = model(**step, decoder_input_ids=start, use_cache=True).logits
+        step["past_key_values"] = past_copy  # a step appends to the cache it is given: the same cache as above
+        compiled = torch.compile(model, backend="inductor")(**step, decoder_input_ids=start, use_cache=True).logits
+    torch.testing.assert_close(compiled, reference, atol=1e-5, rtol=1e-5)
     model.train()
     model.fused_training_loss = True
     explained = torch._dynamo.explain(model)(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
