@@ -61,3 +61,16 @@ def test_quick_benchmark_writes_positive_numbers(tmp_path):
         assert tiny["generation"][case]["ours"] > 0
         assert tiny["generation"][case]["marian"] > 0
     assert any("ours/marian" in line for line in results["table"])
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+def test_linear_kernel_benchmark_times_every_decoder_shape_on_both_kernels(capsys):
+    from benchmarks import linear_kernels
+
+    result = linear_kernels.measure("tiny", rows=2, rounds=2)
+    shapes, head = linear_kernels.decoder_shapes("tiny")
+    for kernel in ("F.linear", "oneDNN"):
+        assert set(result[kernel]) == {*shapes, head}
+        assert all(microseconds > 0 for microseconds in result[kernel].values())
+    linear_kernels.main(["--sizes", "tiny", "--rows", "1", "--rounds", "1"])
+    assert capsys.readouterr().out.count("| tiny |") == len(set(shapes)) + 1
