@@ -195,8 +195,7 @@ def sdpa_attention(
         if key.shape[2] == query.shape[2]:
             is_causal = True  # the kernel's own causal masking, no mask tensor
         else:  # new tokens after cached ones: the kernel's causal mask would align to the top left, not bottom right
-            q_len, k_len = query.shape[2], key.shape[2]
-            attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+            attention_mask = _causal_mask(query.shape[2], key.shape[2], query.device)
     output = F.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, is_causal=is_causal
     )
@@ -225,14 +224,19 @@ def additive_attention(
     return _attend(module, scores, value, attention_mask, dropout)
 
 
+def _causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """(Tq, Tk) boolean, True where query i may attend: the Tq queries are the last Tq of the Tk positions (new
+    tokens after cached ones), so the diagonal aligns to the bottom right."""
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+
+
 def _attend(
     module: nn.Module, scores: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask the scores, softmax them over the keys, and take the weighted sum of the values."""
     if attention_mask is None and module.is_causal and scores.shape[-2] > 1:
         # sdpa-style masks leave plain causality implicit (mask None, is_causal set): make it explicit here.
-        q_len, k_len = scores.shape[-2:]
-        attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device).tril(k_len - q_len)
+        attention_mask = _causal_mask(*scores.shape[-2:], scores.device)
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
@@ -285,6 +289,12 @@ class VanillaTransformerAttention(nn.Module):
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(*x.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)  # (B, L, D) -> (B, H, L, Dh)
 
+    @staticmethod
+    def _queries_per_source(query: torch.Tensor, group: int) -> torch.Tensor:
+        """Cross-attention with `group` decoder rows per source: (B * g, H, Tq, Dh) -> (B, H, g * Tq, Dh), so that a
+        source's g rows become more queries of its keys. Unchanged for g = 1."""
+        return query.unflatten(0, (-1, group)).transpose(1, 2).flatten(2, 3) if group > 1 else query
+
     def _keys_values(
         self, key_value_states: torch.Tensor, past_key_values: EncoderDecoderCache | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,8 +335,7 @@ class VanillaTransformerAttention(nn.Module):
         else:
             attention_fn = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, scaled_dot_product_attention)
         group = query.shape[0] // key.shape[0]  # cross-attention with `rows_per_source` > 1: rows per source
-        if group > 1:  # (B * g, H, Tq, Dh) -> (B, H, g * Tq, Dh): a source's g rows become more queries of its keys
-            query = query.unflatten(0, (-1, group)).transpose(1, 2).flatten(2, 3)
+        query = self._queries_per_source(query, group)
         output, weights = attention_fn(
             self,
             query,
@@ -356,8 +365,7 @@ class VanillaTransformerAttention(nn.Module):
         batch = hidden_states.shape[0]
         query = self._split_heads(self.q_proj(hidden_states))  # (B, H, 1, Dh)
         key, value = self._keys_values(key_value_states if self.is_cross else hidden_states, past_key_values)
-        if key.shape[0] != batch:  # several rows per source: (B, H, 1, Dh) -> (B / g, H, g, Dh), as in `forward`
-            query = query.reshape(key.shape[0], -1, self.num_heads, self.head_dim).transpose(1, 2)
+        query = self._queries_per_source(query, batch // key.shape[0])  # (B / g, H, g, Dh)
         output = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=self.scaling)
         return self.out_proj(output.transpose(1, 2).reshape(batch, 1, -1))  # Concat(heads) W^O
 
