@@ -6,8 +6,10 @@
 A decoding step reads every weight matrix once, for a few rows, after the rest of the model has pushed it out of
 cache. This measures the kernels in that state: each round runs one decoder's worth of distinct weight matrices
 (N layers x the six D x D attention projections and the two FFN matrices), then the output projection, and so on
-for `--rounds` rounds; the two kernels alternate round by round. It prints microseconds per call (median over
-rounds) for each matrix shape, `F.linear` / oneDNN, and their ratio.
+for `--rounds` rounds; the kernels alternate round by round. It prints microseconds per call (median over rounds)
+for each matrix shape: `F.linear`; oneDNN on the plain weight, which it reorders into its blocked layout inside
+every call of more than one row; oneDNN on a weight reordered beforehand, as `VanillaTransformerLinear` keeps it
+within a `generate()` call; and the ratios.
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
+def reorder(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """oneDNN's blocked layout of `weight` for calls of `rows` rows (an opaque tensor only its kernel reads)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+
+
 def decoder_shapes(size: str) -> tuple[list[tuple[int, int]], tuple[int, int]]:
     """The (out, in) shapes of one decoder's linear layers, in call order, and the output projection's."""
     config = common.model_config(size)
@@ -46,12 +53,17 @@ def measure(size: str, rows: int, rounds: int) -> dict[str, dict[tuple[int, int]
     torch.manual_seed(0)
     weights = [(torch.randn(shape), torch.randn(shape[0])) for shape in shapes] + [(torch.randn(head_shape), None)]
     inputs = {shape[1]: torch.randn(rows, shape[1]) for shape in [*shapes, head_shape]}
-    kernels: dict[str, Kernel] = {"F.linear": F.linear, "oneDNN": onednn_linear}
+    reordered = [(reorder(weight, rows), bias) for weight, bias in weights]
+    kernels: dict[str, tuple[Kernel, list]] = {
+        "F.linear": (F.linear, weights),
+        "oneDNN": (onednn_linear, weights),
+        "oneDNN reordered": (onednn_linear, reordered),
+    }
     times: dict[str, dict[tuple[int, int], list[float]]] = {name: {} for name in kernels}
     with torch.inference_mode():
         for _ in range(rounds):
-            for name, kernel in kernels.items():
-                for weight, bias in weights:
+            for name, (kernel, kernel_weights) in kernels.items():
+                for weight, bias in kernel_weights:
                     x = inputs[weight.shape[1]]
                     start = time.perf_counter()
                     kernel(x, weight, bias)
@@ -67,15 +79,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not torch.backends.mkldnn.is_available():
         raise SystemExit("This torch build has no oneDNN: nothing to compare.")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; microseconds per call, F.linear / oneDNN")
-    print("| size | weight (out x in) | rows | F.linear (us) | oneDNN (us) | F.linear / oneDNN |")
-    print("|---|---|---|---|---|---|")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; microseconds per call")
+    print(
+        "| size | weight (out x in) | rows | F.linear (us) | oneDNN (us) | oneDNN reordered (us) "
+        "| F.linear / oneDNN | oneDNN / oneDNN reordered |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for size in args.sizes.split(","):
         for rows in (int(r) for r in args.rows.split(",")):
             result = measure(size, rows, args.rounds)
             for shape, mkl in result["F.linear"].items():
-                onednn = result["oneDNN"][shape]
-                print(f"| {size} | {shape[0]} x {shape[1]} | {rows} | {mkl:.0f} | {onednn:.0f} | {mkl / onednn:.2f} |")
+                onednn, kept = result["oneDNN"][shape], result["oneDNN reordered"][shape]
+                print(
+                    f"| {size} | {shape[0]} x {shape[1]} | {rows} | {mkl:.0f} | {onednn:.0f} | {kept:.0f} "
+                    f"| {mkl / onednn:.2f} | {onednn / kept:.2f} |"
+                )
 
 
 if __name__ == "__main__":

@@ -6,11 +6,13 @@ sums differs), bf16 autocast to 2e-2 relative (bf16 has 8 bits of mantissa).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import decode_step_by_step, random_batch, tiny_model
 from transformers.trainer_pt_utils import LabelSmoother
 
@@ -115,6 +117,69 @@ def test_inference_linear_equals_f_linear(rows, shape, monkeypatch):
         torch.testing.assert_close(layer(x.transpose(0, 1)), reference.transpose(0, 1), atol=1e-5, rtol=1e-5)
     assert len(calls) == 2  # both ran on oneDNN
     assert layer(x).requires_grad and len(calls) == 2  # with gradients: F.linear, differentiable
+
+
+def _count_reorders(monkeypatch) -> list[tuple[int, ...]]:
+    """Record the shape of every weight oneDNN reorders; skip where this torch build cannot."""
+    if modeling._ONEDNN_REORDER is None:
+        pytest.skip("this torch build has no oneDNN weight reorder")
+    shapes: list[tuple[int, ...]] = []
+    reorder = modeling._ONEDNN_REORDER
+    monkeypatch.setattr(
+        modeling, "_ONEDNN_REORDER", lambda weight, rows: shapes.append(tuple(weight.shape)) or reorder(weight, rows)
+    )
+    return shapes
+
+
+def test_a_reordered_weight_is_made_once_per_scope_and_gives_what_f_linear_gives(monkeypatch):
+    reorders = _count_reorders(monkeypatch)
+    torch.manual_seed(0)
+    layer = modeling.VanillaTransformerLinear(64, 96)
+    one_row, rows = torch.randn(1, 1, 64), torch.randn(7, 1, 64)
+    with torch.no_grad(), modeling.reordered_linear_weights([layer]):
+        torch.testing.assert_close(layer(one_row), F.linear(one_row, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+        assert reorders == []  # one row: the plain weight serves as well
+        for x in (rows, torch.randn(3, 5, 64), one_row):  # the layout made for 7 rows serves any count
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+        assert reorders == [(96, 64)]  # made once, then reused
+    assert layer.reordered_weight is None and not layer.reuse_reordered_weight  # dropped with the scope
+    with torch.no_grad():
+        layer(rows)
+    assert reorders == [(96, 64)]  # outside the scope nothing is kept or made
+
+
+def test_generate_reorders_the_step_weights_and_sees_weights_changed_between_calls(monkeypatch):
+    """`generate()` keeps oneDNN's layout of the weights its steps run, for that call only: a weight changed between
+    two calls without bumping its version counter (as fused AdamW and `.data` do) is seen by the next call."""
+    reorders = _count_reorders(monkeypatch)
+    model = tiny_model(seed=3)
+    config = model.config
+    input_ids, attention_mask, _ = random_batch(seed=7, batch=3)
+    kwargs = {"attention_mask": attention_mask, "num_beams": 2, "max_new_tokens": 6, "min_new_tokens": 6}
+    kwargs.update(output_scores=True, return_dict_in_generate=True)
+    fast = model.generate(input_ids, **kwargs)
+    d, ff = config.d_model, config.decoder_ffn_dim
+    per_layer = [(d, d)] * 6 + [(ff, d), (d, ff)]  # self-attention q, k, v, o; cross q, o; fc1, fc2
+    assert sorted(reorders) == sorted(per_layer * config.decoder_layers + [(config.vocab_size, d)])
+    assert all(m.reordered_weight is None for m in model.modules() if isinstance(m, modeling.VanillaTransformerLinear))
+    monkeypatch.setattr(modeling, "reordered_linear_weights", lambda modules: contextlib.nullcontext())
+    plain = model.generate(input_ids, **kwargs)
+    assert torch.equal(fast.sequences, plain.sequences)
+    for ours, theirs in zip(fast.scores, plain.scores, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+    version = model.model.decoder.layers[0].ffn.fc2.weight._version
+    for layer in model.model.decoder.layers:
+        layer.ffn.fc2.weight.data.mul_(3.0)
+    assert model.model.decoder.layers[0].ffn.fc2.weight._version == version  # nothing tells that it changed
+    changed_plain = model.generate(input_ids, **kwargs)
+    monkeypatch.undo()  # the real scope again
+    reorders = _count_reorders(monkeypatch)
+    changed_fast = model.generate(input_ids, **kwargs)
+    assert reorders  # it did reorder, from the changed weights
+    for ours, theirs in zip(changed_fast.scores, changed_plain.scores, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert not all(torch.equal(a, b) for a, b in zip(changed_fast.scores, fast.scores, strict=True))
 
 
 @pytest.mark.parametrize(
