@@ -123,24 +123,25 @@ class VanillaTransformerLinear(nn.Linear):
 
     Why by hand: a decoding step multiplies each weight matrix by a few rows, once, after the rest of the model has
     pushed it out of cache, and there MKL is far from the memory-bandwidth bound. `benchmarks/linear_kernels.py`
-    measures the kernels in that state; on a 2-core AMD EPYC, microseconds per call, `F.linear` / oneDNN, for 1, 4,
-    16 and 64 rows:
+    measures the kernels in that state; on a 2-core AMD EPYC, microseconds per call for 1, 4, 16 and 64 rows,
+    `F.linear` / oneDNN / oneDNN on a weight reordered beforehand (see below; not done for one row):
 
-        37000 x 512 (base output projection)   6929 / 2829, 12579 / 4248, 13259 / 6216, 25520 / 16572
-        2048 x 512 (base fc1)                  398 / 193, 575 / 281, 567 / 388, 1126 / 822
-        512 x 512 (base attention)             104 / 65, 142 / 89, 137 / 116, 259 / 226
-        1024 x 256 (small fc1)                 60 / 43, 147 / 84, 143 / 118, 299 / 233
-        256 x 256 (small attention)            19 / 24, 39 / 36, 39 / 45, 73 / 77
+        37000 x 512 (base output projection)   7199 / 2978, 12503 / 4488 / 2595, 13404 / 6318 / 3931,
+                                               25408 / 16675 / 11845
+        2048 x 512 (base fc1)                  406 / 201, 562 / 294 / 175, 589 / 406 / 253, 1110 / 835 / 690
+        512 x 512 (base attention)             104 / 70, 143 / 97 / 65, 138 / 123 / 84, 259 / 232 / 196
+        1024 x 256 (small fc1)                 129 / 75, 183 / 94 / 59, 165 / 125 / 82, 300 / 241 / 191
+        256 x 256 (small attention)            35 / 34, 49 / 41 / 30, 44 / 50 / 36, 76 / 78 / 65
 
-    Only the smallest matrices lose a little (oneDNN has a fixed cost of some 15 us a call), yet whole `generate()`
-    calls took 1.00-1.15x less time with oneDNN for every layer than with matrices under 2**19 entries left on MKL
-    below 64 rows (small and base sizes, batch 1 and 16, greedy and beam 4), so one rule serves all. Results agree
-    to float rounding (tests hold them to 1e-5); training (gradients enabled) keeps `F.linear`, whose backward
-    oneDNN's op lacks.
+    The smallest matrices gain little or lose a little from oneDNN alone (it has a fixed cost of some 15 us a
+    call), yet whole `generate()` calls took 1.00-1.15x less time with oneDNN for every layer than with matrices
+    under 2**19 entries left on MKL below 64 rows (small and base sizes, batch 1 and 16, greedy and beam 4), so one
+    rule serves all. Results agree to float rounding (tests hold them to 1e-5); training (gradients enabled) keeps
+    `F.linear`, whose backward oneDNN's op lacks.
 
     Inside `reordered_linear_weights` (which `generate()` enters for the layers a decoding step runs), the layer also
     keeps the weight in oneDNN's own blocked layout once a call has more than one row: otherwise oneDNN reorders the
-    weight on every such call, reading it and writing a copy, and at 4-64 rows that reorder is most of the call.
+    weight inside every such call, reading it and writing a copy, which the third figures above leave out.
     """
 
     # Set only inside `reordered_linear_weights`; the copy lives no longer than that scope.
@@ -1282,7 +1283,8 @@ class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedMod
             kwargs["max_new_tokens"] = int(limits.max())
             kwargs["max_length"] = None  # a max_length left in the config would only draw a warning
         # The layers run at every step keep oneDNN's layout of their weights for this call (see
-        # `reordered_linear_weights`): at 16 rows that made the small and base models' greedy steps 1.2x faster.
+        # `reordered_linear_weights`). Measured on whole calls against not keeping it: greedy at batch 16 1.15x
+        # (small) and 1.14x (base) faster, beam 4 at batch 1 1.27x and 1.13x, beam 4 at batch 16 1.03x and 1.02x.
         step_linears = [self.lm_head] + [
             m for layer in self.model.decoder.layers for m in layer.decoding_step_linears()
         ]
