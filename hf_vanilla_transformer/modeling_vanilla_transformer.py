@@ -197,6 +197,35 @@ def reordered_linear_weights(modules: Iterable[nn.Module]) -> Iterator[None]:
             linear.reordered_weight = None
 
 
+# The encoder skips padding in inference once at least this share of a batch's positions is padding. Measured on the
+# encoder alone, batch 16 x 40, skipping against not: 10% padding 0.96x (small) and 1.06x (base), 20% padding 1.14x
+# and 1.23x; below a fifth the gathers and scatters cost about what they save.
+UNPADDED_MIN_PADDING = 0.2
+
+
+class UnpaddedPositions:
+    """Where the real tokens of a right- or left-padded (B, S) batch are, to run position-wise layers on them only.
+
+    Why by hand: every layer but attention treats each position alone, so in inference the encoder can skip the
+    padding rows and gather them back only around attention; a batch of unsorted sentences is often half padding.
+    torch's `nn.TransformerEncoder` does the same in inference with nested tensors, which transformers' models lack.
+    """
+
+    def __init__(self, attention_mask: torch.Tensor) -> None:
+        self.shape = tuple(attention_mask.shape)  # (B, S)
+        self.index = attention_mask.reshape(-1).nonzero().squeeze(1)  # (N,) flat positions of the real tokens
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, S, ...) -> (N, F): the real tokens' rows, in order, their trailing dimensions flattened."""
+        batch, length = self.shape
+        return x.reshape(batch * length, -1).index_select(0, self.index)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, F) -> (B, S, F), with zeros at the padding positions."""
+        batch, length = self.shape
+        return x.new_zeros(batch * length, x.shape[-1]).index_copy_(0, self.index, x).view(batch, length, -1)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # §3.2.1 Scaled dot-product attention
 # ---------------------------------------------------------------------------------------------------------------
@@ -401,6 +430,17 @@ class VanillaTransformerAttention(nn.Module):
         output = self.out_proj(output.reshape(*hidden_states.shape[:-1], -1))  # Concat(heads) W^O: (B, Tq, D)
         return output, (weights if output_attentions else None)
 
+    def forward_unpadded(
+        self, hidden_states: torch.Tensor, positions: UnpaddedPositions, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Encoder self-attention over the real tokens only (see `UnpaddedPositions`): (N, D) -> (N, D). The
+        projections run on the N real tokens; only the attention itself needs the (B, H, S, Dh) layout, where the
+        padding rows are zeros and `attention_mask` keeps every query from reading them."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        query, key, value = (self._split_heads(positions.pad(proj(hidden_states))) for proj in projections)
+        output = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=self.scaling)
+        return self.out_proj(positions.unpad(output.transpose(1, 2)))  # (B, S, H, Dh) -> (N, D) -> (N, D)
+
     def decoding_step(
         self,
         hidden_states: torch.Tensor,
@@ -532,7 +572,13 @@ class VanillaTransformerEncoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
         padding_mask: torch.Tensor | None = None,
+        unpadded: UnpaddedPositions | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states (B, S, D), or with `unpadded` the real tokens only, (N, D): see `UnpaddedPositions`."""
+        if unpadded is not None:
+            attend = self.self_attn.forward_unpadded
+            hidden_states = self.self_attn_block(hidden_states, lambda x: attend(x, unpadded, attention_mask))
+            return self.ffn_block(hidden_states, self.ffn), None
         weights = None
 
         def self_attention(x: torch.Tensor) -> torch.Tensor:
@@ -850,21 +896,52 @@ class VanillaTransformerEncoder(VanillaTransformerStack):
         padding_mask = self.norm_padding_mask(input_ids, attention_mask, src_len, from_ids=False)  # (B, S)
         # (B, S) padding mask -> (B, 1, S, S) in the form the attention implementation wants (None if no padding).
         mask = create_bidirectional_mask(self.config, hidden_states, attention_mask)
+        unpadded = self.unpadded_positions(attention_mask, bool(output_attentions))
+        if unpadded is not None:
+            hidden_states = unpadded.unpad(hidden_states)  # (B, S, D) -> (N, D)
         all_hidden, all_attentions = [], []
         for layer in self.layers:
             all_hidden.append(hidden_states)
             hidden_states, weights = layer(
-                hidden_states, mask, output_attentions=bool(output_attentions), padding_mask=padding_mask
+                hidden_states,
+                mask,
+                output_attentions=bool(output_attentions),
+                padding_mask=padding_mask,
+                unpadded=unpadded,
             )
             all_attentions.append(weights)
         hidden_states = self.final_norm(hidden_states)
         all_hidden.append(hidden_states)
+        if unpadded is not None:  # back to (B, S, D), zeros at the padding positions
+            hidden_states = unpadded.pad(hidden_states)
+            all_hidden = [unpadded.pad(hidden) for hidden in all_hidden] if output_hidden_states else []
         output = BaseModelOutput(
             last_hidden_state=hidden_states,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
             attentions=tuple(all_attentions) if output_attentions else None,
         )
         return output if return_dict is not False else output.to_tuple()
+
+    def unpadded_positions(
+        self, attention_mask: torch.Tensor | None, output_attentions: bool
+    ) -> UnpaddedPositions | None:
+        """In inference, where at least `UNPADDED_MIN_PADDING` of the source positions are padding, the real tokens'
+        positions: the layers then run on those alone, and the encoder's output is zero at padding positions
+        (cross-attention never reads them). Training keeps the padded layout, so that dropout draws the same
+        masks as ever; so do attention weights, additive attention and attention implementations other than
+        eager and sdpa, whose kernels this path does not call."""
+        if (
+            self.training
+            or attention_mask is None
+            or output_attentions
+            or self.config.attention_type == "additive"
+            or self.config._attn_implementation not in ("eager", "sdpa")
+        ):
+            return None
+        real = int(attention_mask.count_nonzero())
+        if real == 0 or real > (1 - UNPADDED_MIN_PADDING) * attention_mask.numel():
+            return None
+        return UnpaddedPositions(attention_mask)
 
 
 class VanillaTransformerDecoder(VanillaTransformerStack):

@@ -182,6 +182,79 @@ def test_generate_reorders_the_step_weights_and_sees_weights_changed_between_cal
     assert not all(torch.equal(a, b) for a, b in zip(changed_fast.scores, fast.scores, strict=True))
 
 
+def _count_unpadded_layers(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    attend = modeling.VanillaTransformerAttention.forward_unpadded
+    monkeypatch.setattr(
+        modeling.VanillaTransformerAttention,
+        "forward_unpadded",
+        lambda self, *args: calls.append(1) or attend(self, *args),
+    )
+    return calls
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("overrides", [{}, {"normalize_before": True}, {"norm_type": "batchnorm"}])
+def test_the_encoder_skipping_padding_gets_what_the_padded_layout_gets(attn_implementation, overrides, monkeypatch):
+    """In inference the encoder runs on the real tokens only (checked, so this cannot pass by not doing so): the same
+    states at every real position, to 1e-5, for every layer; zeros at the padding positions."""
+    model = tiny_model(**overrides)
+    model.set_attn_implementation(attn_implementation)
+    input_ids, attention_mask, _ = random_batch(batch=4)  # 43% padding
+    encoder = model.get_encoder()
+    calls = _count_unpadded_layers(monkeypatch)
+    with torch.no_grad():
+        unpadded = encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        assert len(calls) == model.config.encoder_layers
+        monkeypatch.setattr(modeling, "UNPADDED_MIN_PADDING", 2.0)  # never
+        padded = encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    assert len(calls) == model.config.encoder_layers
+    real = attention_mask.bool()
+    states = zip(unpadded.hidden_states, padded.hidden_states, strict=True)
+    for ours, theirs in [(unpadded.last_hidden_state, padded.last_hidden_state), *states]:
+        torch.testing.assert_close(ours[real], theirs[real], atol=1e-5, rtol=1e-5)
+        assert torch.equal(ours[~real], torch.zeros_like(ours[~real]))
+
+
+@pytest.mark.parametrize(
+    ("setup", "call"),
+    [
+        ("train", {}),  # dropout draws its masks over the padded layout, as ever
+        ("eval", {"output_attentions": True}),  # attention weights come in the padded layout
+        ("little padding", {}),  # under UNPADDED_MIN_PADDING
+        ("additive", {}),
+    ],
+)
+def test_the_encoder_keeps_the_padded_layout_where_skipping_does_not_apply(setup, call, monkeypatch):
+    model = tiny_model(**({"attention_type": "additive"} if setup == "additive" else {}))
+    model.set_attn_implementation("eager")
+    model.train(setup == "train")
+    input_ids, attention_mask, _ = random_batch(batch=4)
+    if setup == "little padding":
+        attention_mask[:, :] = 1
+        attention_mask[3, -1] = 0  # 1 position in 28: under a fifth
+    calls = _count_unpadded_layers(monkeypatch)
+    with torch.no_grad():
+        out = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, **call)
+    assert calls == []
+    assert out.last_hidden_state[~attention_mask.bool()].abs().sum() > 0  # computed, not zeroed
+
+
+def test_generate_with_the_unpadded_encoder_finds_what_the_padded_one_finds(monkeypatch):
+    model = tiny_model(seed=3)
+    input_ids, attention_mask, _ = random_batch(seed=7, batch=4)
+    kwargs = {"attention_mask": attention_mask, "num_beams": 2, "max_new_tokens": 6, "min_new_tokens": 6}
+    kwargs.update(output_scores=True, return_dict_in_generate=True)
+    calls = _count_unpadded_layers(monkeypatch)
+    fast = model.generate(input_ids, **kwargs)
+    assert len(calls) == model.config.encoder_layers
+    monkeypatch.setattr(modeling, "UNPADDED_MIN_PADDING", 2.0)
+    plain = model.generate(input_ids, **kwargs)
+    assert torch.equal(fast.sequences, plain.sequences)
+    for ours, theirs in zip(fast.scores, plain.scores, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("causal", "q_len", "k_len", "mask"),
     [
