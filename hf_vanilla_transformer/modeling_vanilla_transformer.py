@@ -889,7 +889,9 @@ class VanillaTransformerEncoder(VanillaTransformerStack):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> BaseModelOutput | tuple:
-        """input_ids (B, S) and attention_mask (B, S; 1 for tokens, 0 for padding). Returns (B, S, D)."""
+        """input_ids (B, S) and attention_mask (B, S; 1 for tokens, 0 for padding). Returns (B, S, D); in inference
+        with a fifth or more of the positions padding, it computes the real tokens only and returns zeros at the
+        padding positions (see `unpadded_positions`)."""
         batch_size, src_len = _batch_and_length(input_ids, inputs_embeds, "input_ids")
         _check_mask("attention_mask", attention_mask, batch_size, src_len)
         hidden_states = self.embed(input_ids, inputs_embeds)
