@@ -182,15 +182,16 @@ def test_generate_reorders_the_step_weights_and_sees_weights_changed_between_cal
     assert not all(torch.equal(a, b) for a, b in zip(changed_fast.scores, fast.scores, strict=True))
 
 
-def _count_unpadded_layers(monkeypatch) -> list[int]:
+def _count_calls(monkeypatch, cls: type, method: str) -> list[int]:
+    """Count the calls of `cls.method` (still calling it), so a test cannot pass by a fast path not being taken."""
     calls: list[int] = []
-    attend = modeling.VanillaTransformerAttention.forward_unpadded
-    monkeypatch.setattr(
-        modeling.VanillaTransformerAttention,
-        "forward_unpadded",
-        lambda self, *args: calls.append(1) or attend(self, *args),
-    )
+    original = getattr(cls, method)
+    monkeypatch.setattr(cls, method, lambda self, *args: calls.append(1) or original(self, *args))
     return calls
+
+
+def _count_unpadded_layers(monkeypatch) -> list[int]:
+    return _count_calls(monkeypatch, modeling.VanillaTransformerAttention, "forward_unpadded")
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
@@ -303,14 +304,7 @@ def test_cached_one_token_steps_equal_the_plain_full_forward():
 
 
 def _count_decoding_steps(monkeypatch) -> list[int]:
-    calls: list[int] = []
-    step = modeling.VanillaTransformerDecoderLayer.decoding_step
-    monkeypatch.setattr(
-        modeling.VanillaTransformerDecoderLayer,
-        "decoding_step",
-        lambda self, *args: calls.append(1) or step(self, *args),
-    )
-    return calls
+    return _count_calls(monkeypatch, modeling.VanillaTransformerDecoderLayer, "decoding_step")
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
