@@ -6,8 +6,9 @@ Measures, per size:
   (a) training step (forward, label-smoothed cross-entropy, backward, Adam) in tokens/s, where tokens = non-padding
       source tokens + non-padding target tokens of the batch; on a fixed 32 x 32 batch and on length-bucketed
       batches of up to --max-tokens padded tokens per side (sentence lengths ~ Gamma with mean 25);
-  (b) achieved FLOP/s of that step (formula: `common.training_flops`) over the dense fp32 matmul peak measured
-      at the start of the run (`common.matmul_peak`);
+  (b) achieved FLOP/s of that step (formula: `common.training_flops`) over the dense fp32 matmul speed (an
+      n x n matmul, n = 3072) timed in the same alternating rounds as the steps, median over rounds: the machine's
+      speed drifts within a run, and a peak taken once at the start gave more than 100% once it sped up (Run 9);
   (c) greedy and beam-4 generation tokens/s at batch 1 and 16, exactly --new-tokens tokens (ours vs Marian);
   (d) peak memory of a training step: ru_maxrss of a fresh process per (size, implementation, allocator) that
       builds one model and runs two steps on the middle token batch; "step" = that peak minus the RSS just before
@@ -69,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------- worker processes
 
 
+MATMUL = "matmul"  # the reference timed beside the training steps
+
+
 def train_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Training-step throughput of all implementations in this process (alternating), fixed and bucketed batches."""
     models, diffs = common.build_models(args.size)
@@ -84,16 +88,26 @@ def train_worker(args: argparse.Namespace) -> dict[str, Any]:
         model.train()
         steps[impl] = common.training_step(impl, model, common.make_optimizer(model))
     result: dict[str, Any] = {"max_logit_diff": diffs, "threads": torch.get_num_threads()}
+    n = 1024 if args.quick else 3072
+    a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    matmul_flops = 2 * n**3
+
+    def matmul(_index: int) -> None:
+        torch.matmul(a, b, out=out)
+
     for kind, batches in kinds.items():
 
         def pick(index: int, batches: list[common.Batch] = batches) -> common.Batch:
             return batches[max(index, 0) % len(batches)]  # warm-up (-1) uses the first batch
 
         runs = {impl: (lambda i, step=step: step(pick(i))) for impl, step in steps.items()}
+        runs[MATMUL] = matmul  # timed in the same rounds: the machine's speed drifts by more than 1.5x in a run
         times = common.alternate(runs, repeats)
+        matmul_times = times.pop(MATMUL)
         tokens = [pick(i).tokens for i in range(repeats)]
         flops = [common.training_flops(config, pick(i)) for i in range(repeats)]
         result[kind] = {
+            "matmul_flops_per_s": common.median([matmul_flops / t for t in matmul_times]),
             "batches": [[*pick(i).input_ids.shape, pick(i).labels.shape[1]] for i in range(repeats)],
             "tokens": tokens,
             "flops": flops,
@@ -164,7 +178,8 @@ def table(results: dict[str, Any]) -> list[str]:
             for kind in (k for k in train if k.startswith(("fixed", "tokens"))):
                 row = {impl: train[kind][impl]["tokens_per_s"] for impl in common.IMPLEMENTATIONS}
                 lines.append(_row(size, f"train {kind}, {allocator} malloc (tok/s)", row, "{:.0f}"))
-                mfu = {impl: 100 * train[kind][impl]["flops_per_s"] / peak for impl in common.IMPLEMENTATIONS}
+                matmul = train[kind].get("matmul_flops_per_s", peak)  # older JSON: the peak at the run's start
+                mfu = {impl: 100 * train[kind][impl]["flops_per_s"] / matmul for impl in common.IMPLEMENTATIONS}
                 lines.append(_row(size, f"train {kind}, {allocator} malloc (% of matmul peak)", mfu, "{:.1f}"))
         for kind in (k for k in per_size["train"]["default"] if k.startswith(("fixed", "tokens"))):
             speedup = {

@@ -52,6 +52,7 @@ def test_quick_benchmark_writes_positive_numbers(tmp_path):
         kinds = [k for k in train if k.startswith(("fixed_", "tokens_"))]
         assert len(kinds) == 2
         for kind in kinds:
+            assert train[kind]["matmul_flops_per_s"] > 0  # timed beside the steps, the denominator of the MFU
             for impl in common.IMPLEMENTATIONS:
                 assert train[kind][impl]["tokens_per_s"] > 0
                 assert train[kind][impl]["flops_per_s"] > 0
