@@ -931,10 +931,12 @@ class VanillaTransformerEncoder(VanillaTransformerStack):
         positions: the layers then run on those alone, and the encoder's output is zero at padding positions
         (cross-attention never reads them). Training keeps the padded layout, so that dropout draws the same
         masks as ever; so do attention weights, additive attention and attention implementations other than
-        eager and sdpa, whose kernels this path does not call."""
+        eager and sdpa, whose kernels this path does not call, and compiling (torch.compile, torch.export), where
+        the number of real tokens would be a data-dependent shape."""
         if (
             self.training
             or attention_mask is None
+            or torch.compiler.is_compiling()
             or output_attentions
             or self.config.attention_type == "additive"
             or self.config._attn_implementation not in ("eager", "sdpa")

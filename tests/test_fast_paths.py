@@ -241,6 +241,20 @@ def test_the_encoder_keeps_the_padded_layout_where_skipping_does_not_apply(setup
     assert out.last_hidden_state[~attention_mask.bool()].abs().sum() > 0  # computed, not zeroed
 
 
+def test_the_encoder_compiles_on_a_padded_batch_without_graph_breaks():
+    """Compiling keeps the padded layout: the number of real tokens would be a data-dependent shape."""
+    model = tiny_model()
+    input_ids, attention_mask, _ = random_batch(batch=4)  # 43% padding: unpadded when not compiling
+    encoder = model.get_encoder()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(encoder)(input_ids=input_ids, attention_mask=attention_mask)
+        reference = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        compiled = torch.compile(encoder, backend="inductor")(input_ids=input_ids, attention_mask=attention_mask)
+    assert explained.graph_break_count == 0, [str(reason.reason)[:200] for reason in explained.break_reasons]
+    real = attention_mask.bool()
+    torch.testing.assert_close(compiled.last_hidden_state[real], reference[real], atol=1e-5, rtol=1e-5)
+
+
 def test_generate_with_the_unpadded_encoder_finds_what_the_padded_one_finds(monkeypatch):
     model = tiny_model(seed=3)
     input_ids, attention_mask, _ = random_batch(seed=7, batch=4)
