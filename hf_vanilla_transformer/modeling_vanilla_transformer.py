@@ -208,7 +208,7 @@ class UnpaddedPositions:
 
     Why by hand: every layer but attention treats each position alone, so in inference the encoder can skip the
     padding rows and gather them back only around attention; a batch of unsorted sentences is often half padding.
-    torch's `nn.TransformerEncoder` does the same in inference with nested tensors, which transformers' models lack.
+    torch's `nn.TransformerEncoder` does the same in inference, with nested tensors.
     """
 
     def __init__(self, attention_mask: torch.Tensor) -> None:
