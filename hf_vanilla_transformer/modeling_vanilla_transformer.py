@@ -302,6 +302,13 @@ def additive_attention(
     return _attend(module, scores, value, attention_mask, dropout)
 
 
+def _fused_kernel_applies(config: VanillaTransformerConfig) -> bool:
+    """Scaled dot-product attention under the eager or sdpa implementation: exactly what torch's fused kernel
+    computes, so the lean paths (decoding steps, the unpadded encoder) may call `F.scaled_dot_product_attention`
+    directly. Additive attention has no fused kernel; other implementations (flash, flex) are the user's choice."""
+    return config.attention_type != "additive" and config._attn_implementation in ("eager", "sdpa")
+
+
 def _causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
     """(Tq, Tk) boolean, True where query i may attend: the Tq queries are the last Tq of the Tk positions (new
     tokens after cached ones), so the diagonal aligns to the bottom right."""
@@ -658,8 +665,7 @@ class VanillaTransformerDecoderLayer(GradientCheckpointingLayer):
             and attention_mask is None
             and not self.training
             and not output_attentions
-            and self.self_attn.attention_type != "additive"
-            and self.self_attn.config._attn_implementation in ("eager", "sdpa")
+            and _fused_kernel_applies(self.self_attn.config)
             and hasattr(self.self_attn_block, "layer_norm")
         )
 
@@ -938,8 +944,7 @@ class VanillaTransformerEncoder(VanillaTransformerStack):
             or attention_mask is None
             or torch.compiler.is_compiling()
             or output_attentions
-            or self.config.attention_type == "additive"
-            or self.config._attn_implementation not in ("eager", "sdpa")
+            or not _fused_kernel_applies(self.config)
         ):
             return None
         real = int(attention_mask.count_nonzero())
