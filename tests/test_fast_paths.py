@@ -99,6 +99,47 @@ def test_fused_loss_under_bf16_autocast_is_close_to_the_plain_path():
         assert (fused - plain).norm() <= 2e-2 * plain.norm(), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_keeps_a_1_minus_p_share_scaled_by_1_over_1_minus_p(dtype):
+    """F.dropout's definition, checked against the binomial distribution: 4M draws at p = 0.1 keep 0.9 of the
+    elements within 5 standard deviations (7.5e-4); a mask drawn in bf16 (u rounded to 1/256) would keep 0.898."""
+    p, n = 0.1, 4_000_000
+    x = torch.full((n // 1000, 1000), 2.0, dtype=dtype, requires_grad=True)
+    out = modeling.apply_dropout(x, p, training=True)
+    kept = out != 0
+    scale = torch.tensor(2.0 / (1 - p), dtype=dtype)
+    assert torch.equal(out[kept], scale.expand(int(kept.sum())))  # the rest scaled by 1 / (1 - p)
+    assert abs(kept.float().mean().item() - (1 - p)) < 5 * ((p * (1 - p) / n) ** 0.5)
+    out.sum().backward()
+    assert torch.equal(x.grad, out.detach() / 2)  # d out / d x: the mask times 1 / (1 - p)
+
+
+def test_dropout_is_reproducible_from_the_seed_and_leaves_the_edge_cases_to_torch():
+    x = torch.randn(64, 64)
+    torch.manual_seed(3)
+    first = modeling.apply_dropout(x, 0.3, training=True)
+    torch.manual_seed(3)
+    assert torch.equal(modeling.apply_dropout(x, 0.3, training=True), first)
+    assert not torch.equal(modeling.apply_dropout(x, 0.3, training=True), first)  # a fresh mask per call
+    assert modeling.apply_dropout(x, 0.3, training=False) is x
+    assert modeling.apply_dropout(x, 0.0, training=True) is x
+    assert torch.equal(modeling.apply_dropout(x, 1.0, training=True), torch.zeros_like(x))
+    with pytest.raises(ValueError, match=r"1\.5"):
+        modeling.apply_dropout(x, 1.5, training=True)
+
+
+def test_training_drops_out_where_section_5_4_says(monkeypatch):
+    """§5.4: on the output of each sub-layer and on the sums of embeddings and positional encodings, in both
+    stacks: 2 embedding sums + 2 encoder layers x 2 sub-layers + 2 decoder layers x 3 = 12 draws at P_drop."""
+    model = tiny_model(dropout=0.1).train()
+    draws: list[float] = []
+    original = modeling.apply_dropout
+    monkeypatch.setattr(modeling, "apply_dropout", lambda x, p, training: draws.append(p) or original(x, p, training))
+    input_ids, attention_mask, labels = random_batch()
+    model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
+    assert draws.count(0.1) == 12
+
+
 @pytest.mark.parametrize("rows", [1, 5, 70])  # a decoding step, a few rows, many rows
 @pytest.mark.parametrize("shape", [(12, 37), (600, 1024)])
 def test_inference_linear_equals_f_linear(rows, shape, monkeypatch):
