@@ -434,9 +434,12 @@ class VanillaTransformerAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states (B, Tq, D) give the queries; key_value_states (B, Tk, D), the encoder output, give keys
         and values for cross-attention. Returns (B, Tq, D) and, with `output_attentions`, (B, H, Tq, Tk)."""
-        query = self._split_heads(self.q_proj(hidden_states))  # (B, H, Tq, Dh)
-        source = key_value_states if self.is_cross else hidden_states
-        key, value = self._keys_values(source, past_key_values)
+        if past_key_values is None and torch.is_grad_enabled() and self._fusable():  # training: see the method
+            query, key, value = self._fused_projections(hidden_states, key_value_states)
+        else:
+            query = self._split_heads(self.q_proj(hidden_states))  # (B, H, Tq, Dh)
+            source = key_value_states if self.is_cross else hidden_states
+            key, value = self._keys_values(source, past_key_values)
         implementation = self.config._attn_implementation
         if self.attention_type == "additive":  # no fused kernel computes additive scores
             attention_fn: Callable = additive_attention
@@ -461,6 +464,41 @@ class VanillaTransformerAttention(nn.Module):
                 weights = weights.unflatten(2, (group, -1)).transpose(1, 2).flatten(0, 1)
         output = self.out_proj(output.reshape(*hidden_states.shape[:-1], -1))  # Concat(heads) W^O: (B, Tq, D)
         return output, (weights if output_attentions else None)
+
+    def _fusable(self) -> bool:
+        """The projections are this file's own linear layers, without hooks: not wrapped (LoRA adapters replace
+        them with modules of their own), quantized, or watched, which reading their weights directly would bypass."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        return all(
+            type(proj) is VanillaTransformerLinear
+            and proj.bias is not None
+            and not proj._forward_hooks
+            and not proj._forward_pre_hooks
+            for proj in projections
+        )
+
+    def _fused_projections(
+        self, hidden_states: torch.Tensor, key_value_states: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q, K and V as in `forward`, with the projections of one input as one GEMM: W^Q, W^K and W^V stacked into
+        a (3D, D) weight for self-attention, W^K and W^V into (2D, D) for the encoder output in cross-attention.
+
+        Why, in training only: backward then takes one GEMM for the input's gradient instead of three GEMMs and
+        their sum, and wider GEMMs run closer to peak. Whole training steps on 4096-token batches were 1.03x faster
+        at the small size and 1.11x at the base size (alternating in one process, 2-core AMD EPYC). The weights
+        stay separate parameters (the checkpoint is unchanged): `torch.cat` is differentiable, and its backward
+        splits the gradient. Inference keeps one linear per weight: a decoding step would copy the stacked weight at
+        every token.
+        """
+        projections = [self.k_proj, self.v_proj] if self.is_cross else [self.q_proj, self.k_proj, self.v_proj]
+        weight = torch.cat([proj.weight for proj in projections])  # (nD, D)
+        bias = torch.cat([proj.bias for proj in projections])
+        source = key_value_states if self.is_cross else hidden_states  # (B, L, D)
+        fused = F.linear(source, weight, bias).chunk(len(projections), dim=-1)  # n x (B, L, D), views
+        heads = [self._split_heads(part) for part in fused]  # n x (B, H, L, Dh)
+        if self.is_cross:
+            return self._split_heads(self.q_proj(hidden_states)), heads[0], heads[1]
+        return heads[0], heads[1], heads[2]
 
     def forward_unpadded(
         self, hidden_states: torch.Tensor, positions: UnpaddedPositions, attention_mask: torch.Tensor | None

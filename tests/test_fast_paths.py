@@ -140,6 +140,60 @@ def test_training_drops_out_where_section_5_4_says(monkeypatch):
     assert draws.count(0.1) == 12
 
 
+def _projection_grads(model, fused: bool, monkeypatch) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    calls = _count_calls(monkeypatch, modeling.VanillaTransformerAttention, "_fused_projections")
+    if not fused:
+        monkeypatch.setattr(modeling.VanillaTransformerAttention, "_fusable", lambda self: False)
+    input_ids, attention_mask, labels = random_batch()
+    model.zero_grad()
+    loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    loss.backward()
+    monkeypatch.undo()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}, len(calls)
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_training_stacks_the_projections_and_gets_the_separate_projections_gradients(attn_implementation, monkeypatch):
+    """One GEMM for Q, K, V (self-attention) and for K, V (cross-attention) in training: the same loss and
+    gradients for every parameter as three separate linears (dropout 0), and it ran in all 2 + 2 x 2 attentions."""
+    model = tiny_model(attn_implementation=attn_implementation).train()
+    fused_loss, fused_grads, fused_calls = _projection_grads(model, True, monkeypatch)
+    plain_loss, plain_grads, plain_calls = _projection_grads(model, False, monkeypatch)
+    assert (fused_calls, plain_calls) == (6, 0)
+    assert fused_loss.item() == pytest.approx(plain_loss.item(), abs=1e-6)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_stacked_projections_stand_aside_for_wrapped_or_watched_layers_and_without_gradients(monkeypatch):
+    """Reading the weights directly would bypass a LoRA-style wrapper or a hook: those layers run as modules."""
+    model = tiny_model().train()
+    calls = _count_calls(monkeypatch, modeling.VanillaTransformerAttention, "_fused_projections")
+    seen: list[int] = []
+    model.model.encoder.layers[0].self_attn.k_proj.register_forward_hook(lambda *args: seen.append(1))
+    wrapped = model.model.decoder.layers[1].encoder_attn
+    delta = torch.nn.Linear(12, 12)
+    torch.nn.init.normal_(delta.weight)
+
+    class Adapter(torch.nn.Module):  # what an adapter library puts in a projection's place
+        def __init__(self, base):
+            super().__init__()
+            self.base, self.weight, self.bias = base, base.weight, base.bias
+
+        def forward(self, x):
+            return self.base(x) + delta(x)
+
+    wrapped.v_proj = Adapter(wrapped.v_proj)
+    input_ids, attention_mask, labels = random_batch()
+    loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    loss.backward()
+    assert seen == [1] and len(calls) == 4  # 6 attentions, less the hooked one and the wrapped one
+    assert delta.weight.grad is not None and delta.weight.grad.abs().sum() > 0  # the adapter took part
+    with torch.no_grad():
+        model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    assert len(calls) == 4
+
+
 @pytest.mark.parametrize("rows", [1, 5, 70])  # a decoding step, a few rows, many rows
 @pytest.mark.parametrize("shape", [(12, 37), (600, 1024)])
 def test_inference_linear_equals_f_linear(rows, shape, monkeypatch):
