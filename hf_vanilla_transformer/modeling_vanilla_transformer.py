@@ -809,6 +809,17 @@ class VanillaTransformerPreTrainedModel(PreTrainedModel):
             raise ValueError(f"The config in {where} does not match its weights: {problems}")
         return (model, info) if want_info else model
 
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        """`PreTrainedModel.save_pretrained`, with `AutoModel` in the saved `auto_map` as well.
+
+        transformers maps only the class being saved, so a checkpoint of the seq2seq model would load with
+        `AutoModelForSeq2SeqLM` but not `AutoModel` where the package is not installed (`trust_remote_code=True`).
+        The bare model is in the same code file, and `from_pretrained` strips the `model.` prefix for it."""
+        if self._auto_class is not None:
+            bare = f"{type(self).__module__.rsplit('.', 1)[-1]}.VanillaTransformerModel"
+            self.config.auto_map = {"AutoModel": bare, **(getattr(self.config, "auto_map", None) or {})}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.init_std or self.config.d_model**-0.5

@@ -121,7 +121,7 @@ CHILD = textwrap.dedent(
     import json, sys
     sys.modules["hf_vanilla_transformer"] = None
     import torch
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer
 
     source, max_new_tokens, names = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     report = {}
@@ -133,6 +133,9 @@ CHILD = textwrap.dedent(
         with torch.no_grad():
             ids = model.generate(**inputs, max_new_tokens=max_new_tokens)
             logits = model(**inputs, decoder_input_ids=ids).logits
+            bare = AutoModel.from_pretrained(name, trust_remote_code=True).eval()
+            bare_states = bare(**inputs, decoder_input_ids=ids).last_hidden_state
+            bare_equal = torch.equal(bare_states, model.model(**inputs, decoder_input_ids=ids).last_hidden_state)
         try:
             AutoModelForSeq2SeqLM.from_pretrained(name, trust_remote_code=False)
             refused = False
@@ -147,6 +150,7 @@ CHILD = textwrap.dedent(
             "ids": ids.tolist(),
             "logits": logits.tolist(),
             "refused_without_trust": refused,
+            "bare_model": [type(bare).__name__, type(bare).__module__, bare_equal],
         }
     try:
         import hf_vanilla_transformer  # noqa: F401
@@ -180,6 +184,8 @@ def test_loads_with_trust_remote_code_where_the_package_cannot_be_imported(
         for key in ("config_module", "model_module", "model_config_module"):
             assert loaded[key].startswith("transformers_modules."), (name, key, loaded[key])
         assert loaded["tied"] and loaded["refused_without_trust"]
+        bare_name, bare_module, bare_equal = loaded["bare_model"]  # AutoModel: the bare model, same weights
+        assert bare_name == "VanillaTransformerModel" and bare_module.startswith("transformers_modules.") and bare_equal
         assert loaded["input_ids"] == tokenizer(source, return_tensors="pt")["input_ids"].tolist()
         assert loaded["ids"] == expected["ids"], name
         torch.testing.assert_close(torch.tensor(loaded["logits"]), expected["logits"], rtol=0, atol=1e-6)
@@ -258,9 +264,10 @@ def check_model_files(files: dict[str, bytes], reference_state: dict[str, torch.
     """The files of a loadable remote-code checkpoint, by content."""
     config = json.loads(files["config.json"])
     assert config["model_type"] == VanillaTransformerConfig.model_type
-    # save_pretrained maps only the classes being saved: the config and the seq2seq model, not the bare model.
+    # transformers maps only the classes being saved; ours adds the bare model, which AutoModel loads.
     assert config["auto_map"] == {
         "AutoConfig": "configuration_vanilla_transformer.VanillaTransformerConfig",
+        "AutoModel": "modeling_vanilla_transformer.VanillaTransformerModel",
         "AutoModelForSeq2SeqLM": "modeling_vanilla_transformer.VanillaTransformerForConditionalGeneration",
     }
     for code in CODE_FILES:
