@@ -111,10 +111,10 @@ def apply_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     (serially: 7.9 ms for a 4096 x 256 mask on a 2-core AMD EPYC), against 3.3 ms for `rand_like`'s uniform floats.
     Keeping u >= p of a uniform u in [0, 1) is the same Bernoulli(1 - p) mask from another random stream (still
     torch's generator, so `torch.manual_seed` reproduces it), and forward + backward took 4.9-5.3 ms per such call
-    against 8.3-9.0 ms. A whole small-size training step on 4096-token batches was 1.055x faster (17 such calls
-    per step; at the base size 0.99x, within noise). Elsewhere (CUDA has a fused kernel) and while compiling
-    (inductor draws its own) it is `F.dropout`. The mask is drawn in fp32 whatever the dtype: a bf16 uniform would
-    round p.
+    against 8.3-9.0 ms. A whole small-size training step on 4096-token batches (17 such calls) was 1.055x faster
+    under glibc's default allocator and 1.023x with `train.py`'s settings; at the base size 0.99x, within noise
+    (alternating in one process). Elsewhere (CUDA has a fused kernel) and while compiling (inductor draws its own)
+    it is `F.dropout`. The mask is drawn in fp32 whatever the dtype: a bf16 uniform would round p.
     """
     if not training or p == 0.0:
         return x
@@ -484,11 +484,12 @@ class VanillaTransformerAttention(nn.Module):
         a (3D, D) weight for self-attention, W^K and W^V into (2D, D) for the encoder output in cross-attention.
 
         Why, in training only: backward then takes one GEMM for the input's gradient instead of three GEMMs and
-        their sum, and wider GEMMs run closer to peak. Whole training steps on 4096-token batches were 1.03x faster
-        at the small size and 1.11x at the base size (alternating in one process, 2-core AMD EPYC). The weights
-        stay separate parameters (the checkpoint is unchanged): `torch.cat` is differentiable, and its backward
-        splits the gradient. Inference keeps one linear per weight: a decoding step would copy the stacked weight at
-        every token.
+        their sum, and fewer, wider buffers come and go. Whole training steps on 4096-token batches (alternating in
+        one process, 2-core AMD EPYC) were 1.03x faster at the small size and 1.11x at the base size under glibc's
+        default allocator, and 1.00x and 1.02x with the allocator settings `train.py` makes (`--keep_freed_memory`):
+        much of the gain on CPU is fewer large allocations. The weights stay separate parameters (the checkpoint is
+        unchanged): `torch.cat` is differentiable, and its backward splits the gradient. Inference keeps one linear
+        per weight: a decoding step would copy the stacked weight at every token.
         """
         projections = [self.k_proj, self.v_proj] if self.is_cross else [self.q_proj, self.k_proj, self.v_proj]
         weight = torch.cat([proj.weight for proj in projections])  # (nD, D)
