@@ -860,6 +860,18 @@ def _describe(info: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+# transformers 5.24 renamed the decoding cache from `past_key_values` to `cache`, as the forward argument that
+# `generate()` passes (the old name stays accepted until 5.40) and as the output field it reads back. The forwards here
+# take either name and return the cache under the installed version's field, so the model works with both.
+CACHE_FIELD = "cache" if "cache" in Seq2SeqLMOutput.__dataclass_fields__ else "past_key_values"
+
+
+def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("Pass the decoding cache once, as `cache` or as `past_key_values` (its name before 5.24).")
+    return cache if cache is not None else past_key_values
+
+
 def _check_token_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
     """Out-of-range ids would index past the embedding table. On CPU that is a cryptic IndexError; on CUDA a
     device-side assert. Checking needs a reduction and, on an accelerator, a host sync per step, so it runs on
@@ -1166,6 +1178,7 @@ class VanillaTransformerModel(VanillaTransformerPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         rows_per_source: int = 1,
+        cache: Cache | None = None,
         **kwargs: Any,
     ) -> Seq2SeqModelOutput | tuple:
         r"""
@@ -1175,13 +1188,15 @@ class VanillaTransformerModel(VanillaTransformerPreTrainedModel):
             decoder_input_ids (`torch.LongTensor` of shape `(batch, target_len)`): the target shifted right.
             decoder_attention_mask (`torch.Tensor` of shape `(batch, past_len + target_len)`, *optional*).
             encoder_outputs (`BaseModelOutput`, *optional*): a precomputed encoder output (generate() passes it).
-            past_key_values (`EncoderDecoderCache`, *optional*): the decoding cache.
+            past_key_values (`EncoderDecoderCache`, *optional*): the decoding cache; also accepted as `cache`, the name
+                transformers uses from 5.24 on. Returned under the installed version's name (`CACHE_FIELD`).
             rows_per_source (`int`, defaults to 1): how many consecutive decoder rows each source row serves. With
                 k > 1 the decoder batch is k times the source batch (beam search's layout: the beams of input i are
                 rows i * k to i * k + k - 1), and cross-attention reads each source's keys and values once for all
                 k rows instead of from k copies. `generate()` passes the beam count (times `num_return_sequences`)
                 here rather than repeating the encoder output.
         """
+        past_key_values = _one_cache(cache, past_key_values)
         if use_cache is None:  # a training forward (Trainer passes decoder_input_ids, no labels) caches nothing
             use_cache = self.config.use_cache and not self.training
         if output_attentions and self.config._attn_implementation != "eager":
@@ -1230,7 +1245,7 @@ class VanillaTransformerModel(VanillaTransformerPreTrainedModel):
         )
         output = Seq2SeqModelOutput(
             last_hidden_state=decoder_outputs["last_hidden_state"],
-            past_key_values=decoder_outputs["past_key_values"],
+            **{CACHE_FIELD: decoder_outputs["past_key_values"]},
             decoder_hidden_states=decoder_outputs["hidden_states"],
             decoder_attentions=decoder_outputs["attentions"],
             cross_attentions=decoder_outputs["cross_attentions"],
@@ -1517,6 +1532,7 @@ class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedMod
         return_dict: bool | None = None,
         return_logits: bool | None = None,
         rows_per_source: int = 1,
+        cache: Cache | None = None,
         **kwargs: Any,
     ) -> Seq2SeqLMOutput | tuple:
         r"""
@@ -1530,6 +1546,7 @@ class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedMod
                 By default the logits are computed, except in training steps (training mode, gradients enabled)
                 when `fused_training_loss` is set on the model, as `train.py` does.
         """
+        past_key_values = _one_cache(cache, past_key_values)
         if labels is not None:
             _check_token_ids("labels", torch.where(labels == -100, 0, labels), self.config.vocab_size)
             if decoder_input_ids is None and decoder_inputs_embeds is None:
@@ -1569,7 +1586,7 @@ class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedMod
         output = Seq2SeqLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
             decoder_hidden_states=outputs.decoder_hidden_states,
             decoder_attentions=outputs.decoder_attentions,
             cross_attentions=outputs.cross_attentions,

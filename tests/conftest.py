@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from hf_vanilla_transformer import VanillaTransformerConfig, VanillaTransformerForConditionalGeneration
+from hf_vanilla_transformer.modeling_vanilla_transformer import CACHE_FIELD
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach the Hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -64,10 +65,10 @@ def decode_step_by_step(model, input_ids, attention_mask, decoder_input_ids):
                 encoder_outputs=encoder_outputs,
                 attention_mask=attention_mask,
                 decoder_input_ids=decoder_input_ids[:, t : t + 1],
-                past_key_values=past,
+                **{CACHE_FIELD: past},  # the name generate() passes with the installed transformers
                 use_cache=True,
             )
-            past = out.past_key_values
+            past = getattr(out, CACHE_FIELD)
             steps.append(out.logits)
     return torch.cat(steps, dim=1), past
 

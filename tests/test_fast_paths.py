@@ -461,7 +461,7 @@ def test_the_decoding_step_stands_aside_where_it_does_not_apply(overrides, call,
             encoder_outputs=(out.encoder_last_hidden_state,),
             attention_mask=attention_mask,
             decoder_input_ids=decoder_input_ids[:, 1:2],
-            past_key_values=out.past_key_values,
+            past_key_values=getattr(out, modeling.CACHE_FIELD),
             **call,
         )
     assert calls == []
@@ -485,7 +485,7 @@ def test_a_cached_decoding_step_compiles_without_graph_breaks():
         encoder_outputs = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
         past = model(
             encoder_outputs=encoder_outputs, attention_mask=attention_mask, decoder_input_ids=start, use_cache=True
-        ).past_key_values
+        )[modeling.CACHE_FIELD]
         past_copy = copy.deepcopy(past)
         step = {"encoder_outputs": encoder_outputs, "attention_mask": attention_mask, "past_key_values": past}
         explained = torch._dynamo.explain(model)(**step, decoder_input_ids=start, use_cache=True)

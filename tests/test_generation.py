@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import EOS, PAD, VOCAB, decode_step_by_step, random_batch, tiny_model
@@ -9,6 +11,7 @@ from transformers import AttentionInterface, AutoModelForSeq2SeqLM, AutoTokenize
 from transformers.generation.utils import GenerationMixin
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from hf_vanilla_transformer.modeling_vanilla_transformer import CACHE_FIELD
 from hf_vanilla_transformer.tokenization import train_tokenizer
 
 
@@ -47,6 +50,28 @@ def test_cached_step_logits_equal_a_full_forward(attn_implementation):
     steps, past = decode_step_by_step(model, input_ids, attention_mask, decoder_input_ids)
     assert past.get_seq_length() == decoder_input_ids.shape[1]
     assert torch.allclose(steps, full, atol=1e-5)
+
+
+def test_the_cache_goes_in_under_either_name_and_comes_back_under_the_installed_ones():
+    """transformers 5.24 renamed `past_key_values` to `cache` (argument and output field); a model that took only the
+    old name would drop the cache generate() passes, through **kwargs, and decode each step without its context."""
+    model = tiny_model(seed=2)
+    input_ids, attention_mask, labels = random_batch(seed=3, batch=3)
+    decoder_input_ids = torch.cat([torch.ones(3, 1, dtype=torch.long), labels[:, :-1]], dim=1)
+    first = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": True}
+    logits = {}
+    with torch.no_grad():
+        for name in ("cache", "past_key_values"):
+            out = model(**first, decoder_input_ids=decoder_input_ids[:, :2])
+            cache = getattr(out, CACHE_FIELD)
+            assert cache is not None and cache.get_seq_length() == 2
+            logits[name] = model(**first, decoder_input_ids=decoder_input_ids[:, 2:3], **{name: cache}).logits
+            assert cache.get_seq_length() == 3  # the step read and extended the cache it was given
+        full = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits
+        with pytest.raises(ValueError, match="once"):
+            model(**first, decoder_input_ids=decoder_input_ids[:, :1], cache=cache, past_key_values=copy.copy(cache))
+    for name, step in logits.items():
+        torch.testing.assert_close(step[:, 0], full[:, 2], atol=1e-5, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
