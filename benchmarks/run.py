@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `python benchmarks/run.py` puts only benchmarks/ on the path
 
 import torch  # noqa: E402
+import transformers  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 
@@ -226,6 +227,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
+            "transformers": transformers.__version__,  # generate() and Marian change between releases
             "python": platform.python_version(),
         },
         "load_average_at_start": os.getloadavg(),
