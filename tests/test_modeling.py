@@ -294,14 +294,17 @@ def test_return_dict_false_gives_a_tuple(model):
     assert isinstance(out, tuple) and out[0].ndim == 0 and out[1].shape == (2, TGT_LEN, VOCAB)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
-    plain, ckpt = tiny_model(seed=4, dropout=0.0), tiny_model(seed=4, dropout=0.0)
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_gradient_checkpointing_gives_the_same_gradients(dropout):
+    """With dropout too: the recomputation in backward must redraw the very masks of the forward pass."""
+    plain, ckpt = tiny_model(seed=4, dropout=dropout), tiny_model(seed=4, dropout=dropout)
     plain.train()
     ckpt.train()
     ckpt.activation_checkpointing_enable()
     assert ckpt.is_activation_checkpointing
     input_ids, attention_mask, labels = random_batch()
     for m in (plain, ckpt):
+        torch.manual_seed(7)
         m(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
     for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters(), strict=True):
         assert torch.allclose(a.grad, b.grad, atol=1e-6), name
