@@ -866,7 +866,12 @@ def _describe(info: dict[str, Any]) -> str:
 CACHE_FIELD = "cache" if "cache" in Seq2SeqLMOutput.__dataclass_fields__ else "past_key_values"
 
 
-def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+def _one_cache(cache: Cache | None, past_key_values: Cache | None, extra: dict[str, Any]) -> Cache | None:
+    """The decoding cache, under either name. A cache under any other name is an error: `**kwargs` would otherwise
+    drop it without a word, as it dropped `cache` before this model knew that name, and decode without context."""
+    stray = sorted(name for name, value in extra.items() if isinstance(value, Cache))
+    if stray:
+        raise ValueError(f"Unknown cache argument {stray}: pass the decoding cache as `cache` or `past_key_values`.")
     if cache is not None and past_key_values is not None and cache is not past_key_values:
         raise ValueError("Pass the decoding cache once, as `cache` or as `past_key_values` (its name before 5.24).")
     return cache if cache is not None else past_key_values
@@ -1196,7 +1201,7 @@ class VanillaTransformerModel(VanillaTransformerPreTrainedModel):
                 k rows instead of from k copies. `generate()` passes the beam count (times `num_return_sequences`)
                 here rather than repeating the encoder output.
         """
-        past_key_values = _one_cache(cache, past_key_values)
+        past_key_values = _one_cache(cache, past_key_values, kwargs)
         if use_cache is None:  # a training forward (Trainer passes decoder_input_ids, no labels) caches nothing
             use_cache = self.config.use_cache and not self.training
         if output_attentions and self.config._attn_implementation != "eager":
@@ -1546,7 +1551,7 @@ class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedMod
                 By default the logits are computed, except in training steps (training mode, gradients enabled)
                 when `fused_training_loss` is set on the model, as `train.py` does.
         """
-        past_key_values = _one_cache(cache, past_key_values)
+        past_key_values = _one_cache(cache, past_key_values, kwargs)
         if labels is not None:
             _check_token_ids("labels", torch.where(labels == -100, 0, labels), self.config.vocab_size)
             if decoder_input_ids is None and decoder_inputs_embeds is None:

@@ -70,6 +70,8 @@ def test_the_cache_goes_in_under_either_name_and_comes_back_under_the_installed_
         full = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits
         with pytest.raises(ValueError, match="once"):
             model(**first, decoder_input_ids=decoder_input_ids[:, :1], cache=cache, past_key_values=copy.copy(cache))
+        with pytest.raises(ValueError, match="kv_cache"):  # a name neither release uses: an error, not dropped
+            model(**first, decoder_input_ids=decoder_input_ids[:, :1], kv_cache=cache)
     for name, step in logits.items():
         torch.testing.assert_close(step[:, 0], full[:, 2], atol=1e-5, rtol=1e-5, msg=name)
 
