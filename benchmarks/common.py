@@ -407,18 +407,24 @@ def training_flops(config: VanillaTransformerConfig, batch: Batch) -> float:
     return 6.0 * (linear + attention)
 
 
+def square_matmul(n: int) -> tuple[Callable[..., object], float]:
+    """The reference of "% of matmul peak": C = A @ B with n x n fp32 matrices, as a callable (any arguments are
+    ignored, so `alternate` can time it beside the training steps) and its 2 n^3 FLOPs."""
+    a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+    return (lambda *_: torch.matmul(a, b, out=out)), 2.0 * n**3
+
+
 def matmul_peak(n: int = 3072, repeats: int = 5) -> dict[str, float]:
-    """Dense fp32 matmul FLOP/s of this machine: C = A @ B with n x n matrices, 2 n^3 FLOPs, best of `repeats`
-    (one warm-up first). Same threads as the benchmarks (torch's default)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
-    torch.matmul(a, b, out=out)
+    """Dense fp32 matmul FLOP/s of this machine (`square_matmul`), best of `repeats` (one warm-up first). Same
+    threads as the benchmarks (torch's default)."""
+    matmul, flops = square_matmul(n)
+    matmul()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        torch.matmul(a, b, out=out)
+        matmul()
         times.append(time.perf_counter() - start)
-    return {"n": n, "peak_flops": 2 * n**3 / min(times), "median_flops": 2 * n**3 / statistics.median(times)}
+    return {"n": n, "peak_flops": flops / min(times), "median_flops": flops / statistics.median(times)}
 
 
 # ------------------------------------------------------------------------------------------------------ timing

@@ -89,13 +89,7 @@ def train_worker(args: argparse.Namespace) -> dict[str, Any]:
         model.train()
         steps[impl] = common.training_step(impl, model, common.make_optimizer(model))
     result: dict[str, Any] = {"max_logit_diff": diffs, "threads": torch.get_num_threads()}
-    n = 1024 if args.quick else 3072
-    a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
-    matmul_flops = 2 * n**3
-
-    def matmul(_index: int) -> None:
-        torch.matmul(a, b, out=out)
-
+    matmul, matmul_flops = common.square_matmul(1024 if args.quick else 3072)
     for kind, batches in kinds.items():
 
         def pick(index: int, batches: list[common.Batch] = batches) -> common.Batch:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -46,6 +47,7 @@ def test_quick_benchmark_writes_positive_numbers(tmp_path):
     subprocess.run(command, check=True, cwd=ROOT, capture_output=True, timeout=600)
     results = json.loads(out.read_text())
     assert results["matmul"]["peak_flops"] > 0
+    assert results["machine"]["transformers"] == transformers.__version__  # generate() changes between releases
     tiny = results["sizes"]["tiny"]
     for allocator in ("default", "tuned"):
         train = tiny["train"][allocator]
