@@ -547,8 +547,7 @@ class VanillaTransformerFeedForward(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = self.activation_fn(self.fc1(hidden_states))
-        if self.training:  # skipped, not called as a no-op: per-call overhead adds up in a decoding step
-            hidden_states = apply_dropout(hidden_states, self.activation_dropout, True)
+        hidden_states = apply_dropout(hidden_states, self.activation_dropout, self.training)
         return self.fc2(hidden_states)
 
 
