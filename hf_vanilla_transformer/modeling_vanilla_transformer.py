@@ -190,6 +190,17 @@ class VanillaTransformerLinear(nn.Linear):
             return _ONEDNN_LINEAR(input, weight, self.bias, "none", [], "")
         return F.linear(input, weight, self.bias)
 
+    @classmethod
+    def stack(cls, linears: list[nn.Linear]) -> VanillaTransformerLinear:
+        """One linear that computes `linears` side by side (their outputs concatenated on the last dimension), from
+        copies of their weights and biases, without gradients: for inference only."""
+        weight = torch.cat([linear.weight.detach() for linear in linears])  # (sum of out_features, in_features)
+        bias = torch.cat([linear.bias.detach() for linear in linears])
+        stacked = cls(weight.shape[1], weight.shape[0], device="meta")
+        stacked.weight = nn.Parameter(weight, requires_grad=False)
+        stacked.bias = nn.Parameter(bias, requires_grad=False)
+        return stacked
+
     def _reordered(self, weight: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
         """The weight in oneDNN's layout for calls of as many rows as this first one with more than one row (the
         layout serves any row count; one-row calls read the plain weight as fast, so they reorder nothing)."""
@@ -220,6 +231,35 @@ def reordered_linear_weights(modules: Iterable[nn.Module]) -> Iterator[None]:
         for linear in linears:
             linear.reuse_reordered_weight = False
             linear.reordered_weight = None
+
+
+@contextmanager
+def stacked_step_projections(attentions: Iterable[nn.Module]) -> Iterator[None]:
+    """Within this scope, each decoder self-attention among `attentions` whose projections can be read directly
+    (`VanillaTransformerAttention._fusable`) computes Q, K and V of a decoding step as one linear over a stacked copy
+    of W^Q, W^K and W^V; leaving the scope drops the copy.
+
+    Why: a step multiplies each weight by a few rows, and on CPU each oneDNN call costs some 15 us besides reading
+    its weight: one (3D, D) GEMV instead of three (D, D) ones. Whole `generate()` calls, alternating with and without
+    it (2-core AMD EPYC): 1.03-1.06x faster at the small size (greedy and beam 4, batch 1 and 16), 1.00-1.02x at the
+    base size, whose larger matrices amortise that cost already. Scoped like `reordered_linear_weights`, for the
+    same reason: the copy is right only while the weights do not change, as within one `generate()` call. A
+    projection hooked or replaced during the call makes its layer go back to the three linears (checked per step).
+    """
+    stacked = [
+        attention
+        for attention in attentions
+        if isinstance(attention, VanillaTransformerAttention) and not attention.is_cross and attention._fusable()
+    ]
+    for attention in stacked:
+        attention.step_projections = (
+            VanillaTransformerLinear.stack([attention.q_proj, attention.k_proj, attention.v_proj]),
+        )
+    try:
+        yield
+    finally:
+        for attention in stacked:
+            attention.step_projections = ()
 
 
 # The encoder skips padding in inference once at least this share of a batch's positions is padding. Measured on the
@@ -387,6 +427,9 @@ class VanillaTransformerAttention(nn.Module):
         self.is_cross = is_cross
         self.layer_idx = layer_idx
         self.dropout = config.attention_dropout
+        # W^Q, W^K and W^V stacked into one linear for decoding steps, inside `stacked_step_projections` only.
+        # A tuple, not a module attribute, so that the copy never joins the model's modules or its state dict.
+        self.step_projections: tuple[VanillaTransformerLinear, ...] = ()
         self.q_proj = VanillaTransformerLinear(config.d_model, config.d_model)
         self.k_proj = VanillaTransformerLinear(config.d_model, config.d_model)
         self.v_proj = VanillaTransformerLinear(config.d_model, config.d_model)
@@ -488,8 +531,8 @@ class VanillaTransformerAttention(nn.Module):
         one process, 2-core AMD EPYC) were 1.03x faster at the small size and 1.11x at the base size under glibc's
         default allocator, and 1.00x and 1.02x with the allocator settings `train.py` makes (`--keep_freed_memory`):
         much of the gain on CPU is fewer large allocations. The weights stay separate parameters (the checkpoint is
-        unchanged): `torch.cat` is differentiable, and its backward splits the gradient. Inference keeps one linear
-        per weight: a decoding step would copy the stacked weight at every token.
+        unchanged): `torch.cat` is differentiable, and its backward splits the gradient. A decoding step would copy
+        the stacked weight at every token, so `generate()` stacks a copy once per call (`stacked_step_projections`).
         """
         projections = [self.k_proj, self.v_proj] if self.is_cross else [self.q_proj, self.k_proj, self.v_proj]
         weight = torch.cat([proj.weight for proj in projections])  # (nD, D)
@@ -523,8 +566,13 @@ class VanillaTransformerAttention(nn.Module):
         fused kernel (eager and sdpa compute the same function), no attention weights. See
         `VanillaTransformerDecoderLayer.is_decoding_step` for when it runs."""
         batch = hidden_states.shape[0]
-        query = self._split_heads(self.q_proj(hidden_states))  # (B, H, 1, Dh)
-        key, value = self._keys_values(key_value_states if self.is_cross else hidden_states, past_key_values)
+        if self.step_projections and self._fusable():  # self-attention in `generate()`: one GEMM for Q, K and V
+            qkv = self.step_projections[0](hidden_states).chunk(3, dim=-1)  # 3 x (B, 1, D)
+            query, key, value = (self._split_heads(part) for part in qkv)  # 3 x (B, H, 1, Dh)
+            key, value = past_key_values.self_attention_cache.update(key, value, self.layer_idx)
+        else:
+            query = self._split_heads(self.q_proj(hidden_states))  # (B, H, 1, Dh)
+            key, value = self._keys_values(key_value_states if self.is_cross else hidden_states, past_key_values)
         query = self._queries_per_source(query, batch // key.shape[0])  # (B / g, H, g, Dh)
         output = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=self.scaling)
         return self.out_proj(output.transpose(1, 2).reshape(batch, 1, -1))  # Concat(heads) W^O
@@ -754,9 +802,12 @@ class VanillaTransformerDecoderLayer(GradientCheckpointingLayer):
 
     def decoding_step_linears(self) -> list[nn.Module]:
         """The linear layers every decoding step runs: all of this layer's but the cross-attention key and value
-        projections, which run once per source (their output is cached)."""
-        attention = [self.self_attn.q_proj, self.self_attn.k_proj, self.self_attn.v_proj, self.self_attn.out_proj]
-        return [*attention, self.encoder_attn.q_proj, self.encoder_attn.out_proj, self.ffn.fc1, self.ffn.fc2]
+        projections, which run once per source (their output is cached); within `stacked_step_projections`, the
+        stacked self-attention projection in place of W^Q, W^K and W^V."""
+        attention = self.self_attn
+        projections = list(attention.step_projections) or [attention.q_proj, attention.k_proj, attention.v_proj]
+        cross = [self.encoder_attn.q_proj, self.encoder_attn.out_proj]
+        return [*projections, attention.out_proj, *cross, self.ffn.fc1, self.ffn.fc2]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1465,11 +1516,12 @@ class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedMod
         # The layers run at every step keep oneDNN's layout of their weights for this call (see
         # `reordered_linear_weights`). Measured on whole calls against not keeping it: greedy at batch 16 1.15x
         # (small) and 1.14x (base) faster, beam 4 at batch 1 1.27x and 1.13x, beam 4 at batch 16 1.03x and 1.02x.
-        step_linears = [self.lm_head] + [
-            m for layer in self.model.decoder.layers for m in layer.decoding_step_linears()
-        ]
-        with reordered_linear_weights(step_linears):
-            return super().generate(inputs, generation_config, logits_processor, **kwargs)
+        # Each decoder self-attention also computes Q, K and V of a step as one linear (`stacked_step_projections`).
+        layers = self.model.decoder.layers
+        with stacked_step_projections(layer.self_attn for layer in layers):
+            step_linears = [self.lm_head] + [m for layer in layers for m in layer.decoding_step_linears()]
+            with reordered_linear_weights(step_linears):
+                return super().generate(inputs, generation_config, logits_processor, **kwargs)
 
     def _source_lengths(self, inputs: torch.Tensor | None, kwargs: dict[str, Any]) -> torch.Tensor:
         """Tokens per source row: from the attention mask, else the non-padding ids, else the encoder output."""

@@ -254,9 +254,10 @@ def test_generate_reorders_the_step_weights_and_sees_weights_changed_between_cal
     kwargs.update(output_scores=True, return_dict_in_generate=True)
     fast = model.generate(input_ids, **kwargs)
     d, ff = config.d_model, config.decoder_ffn_dim
-    per_layer = [(d, d)] * 6 + [(ff, d), (d, ff)]  # self-attention q, k, v, o; cross q, o; fc1, fc2
+    per_layer = [(3 * d, d)] + [(d, d)] * 3 + [(ff, d), (d, ff)]  # self-attention q|k|v, o; cross q, o; fc1, fc2
     assert sorted(reorders) == sorted(per_layer * config.decoder_layers + [(config.vocab_size, d)])
     assert all(m.reordered_weight is None for m in model.modules() if isinstance(m, modeling.VanillaTransformerLinear))
+    assert all(layer.self_attn.step_projections == () for layer in model.model.decoder.layers)
     monkeypatch.setattr(modeling, "reordered_linear_weights", lambda modules: contextlib.nullcontext())
     plain = model.generate(input_ids, **kwargs)
     assert torch.equal(fast.sequences, plain.sequences)
@@ -275,6 +276,72 @@ def test_generate_reorders_the_step_weights_and_sees_weights_changed_between_cal
     for ours, theirs in zip(changed_fast.scores, changed_plain.scores, strict=True):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     assert not all(torch.equal(a, b) for a, b in zip(changed_fast.scores, fast.scores, strict=True))
+
+
+def test_a_stacked_linear_computes_its_linears_side_by_side():
+    torch.manual_seed(0)
+    linears = [modeling.VanillaTransformerLinear(12, n) for n in (12, 5, 12)]
+    stacked = modeling.VanillaTransformerLinear.stack(linears)
+    x = torch.randn(2, 3, 12)
+    with torch.no_grad():
+        expected = torch.cat([F.linear(x, linear.weight, linear.bias) for linear in linears], dim=-1)
+        torch.testing.assert_close(stacked(x), expected, atol=1e-6, rtol=1e-6)
+    assert stacked.weight.shape == (29, 12) and not stacked.weight.requires_grad
+    linears[0].weight.data.zero_()  # a copy: later changes to the layers do not reach it
+    assert stacked.weight[:12].abs().sum() > 0
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generate_stacks_the_self_attention_projections_for_its_steps_only(num_beams, monkeypatch):
+    """Within `generate()` a decoding step computes Q, K, V with one linear (checked, so this cannot pass by it not
+    running): the same tokens, and scores within 1e-5, as three linears; the stacked copy is gone after the call."""
+    model = tiny_model(seed=3)
+    input_ids, attention_mask, _ = random_batch(seed=7, batch=3)
+    kwargs = {"attention_mask": attention_mask, "num_beams": num_beams, "max_new_tokens": 6, "min_new_tokens": 6}
+    kwargs.update(output_scores=True, return_dict_in_generate=True)
+    stacked_calls: list[int] = []
+    stack = modeling.VanillaTransformerLinear.stack
+
+    def counted_stack(linears):
+        stacked = stack(linears)
+        stacked.register_forward_hook(lambda *args: stacked_calls.append(1))
+        return stacked
+
+    monkeypatch.setattr(modeling.VanillaTransformerLinear, "stack", staticmethod(counted_stack))
+    fast = model.generate(input_ids, **kwargs)
+    assert len(stacked_calls) == 6 * model.config.decoder_layers  # every step, every layer
+    assert all(layer.self_attn.step_projections == () for layer in model.model.decoder.layers)
+    assert "step_projections" not in str(list(model.state_dict()))
+    monkeypatch.setattr(modeling, "stacked_step_projections", lambda attentions: contextlib.nullcontext())
+    plain = model.generate(input_ids, **kwargs)
+    assert len(stacked_calls) == 6 * model.config.decoder_layers
+    assert torch.equal(fast.sequences, plain.sequences)
+    for ours, theirs in zip(fast.scores, plain.scores, strict=True):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_stacked_step_projections_stand_aside_for_a_watched_projection():
+    """A hook on W^K of one decoder self-attention, even one registered during `generate()`, still sees every step."""
+    model = tiny_model(seed=3)
+    input_ids, attention_mask, _ = random_batch(seed=7, batch=2)
+    watched = model.model.decoder.layers[1].self_attn
+    seen: list[tuple[int, ...]] = []
+
+    class HookOnSecondStep(modeling.LogitsProcessor):  # registers the hook while generate() runs
+        def __call__(self, ids, scores):
+            if ids.shape[1] == 2:
+                watched.k_proj.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
+            return scores
+
+    model.generate(
+        input_ids,
+        attention_mask=attention_mask,
+        num_beams=1,
+        max_new_tokens=5,
+        min_new_tokens=5,
+        logits_processor=modeling.LogitsProcessorList([HookOnSecondStep()]),
+    )
+    assert seen == [(2, 1, model.config.d_model)] * 3  # steps 3 to 5 ran W^K as its own module
 
 
 def _count_calls(monkeypatch, cls: type, method: str) -> list[int]:
