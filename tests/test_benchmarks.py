@@ -77,3 +77,27 @@ def test_linear_kernel_benchmark_times_every_decoder_shape_on_each_kernel(capsys
         assert all(microseconds > 0 for microseconds in result[kernel].values())
     linear_kernels.main(["--sizes", "tiny", "--rows", "1", "--rounds", "1"])
     assert capsys.readouterr().out.count("| tiny |") == len(set(shapes)) + 1
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+def test_decoding_bounds_hand_written_step_finds_the_models_tokens(capsys):
+    """The bounds script's bare aten loop is our decoding step without modules: it must decode the tokens
+    `generate()` decodes (it raises otherwise), so its time is a floor for the same step."""
+    from benchmarks import decoding_bounds
+
+    times = decoding_bounds.step_times("tiny", rounds=1, steps=6)
+    assert set(times) == {"ours", "ours rest", "marian", "marian rest", "loop"}
+    assert all(milliseconds > 0 for milliseconds in times.values())
+    model = common.build_ours("tiny").eval()
+    input_ids, attention_mask = common.source_batch(model.config.vocab_size, 1, seed=1)
+    tokens, _ = decoding_bounds.hand_written_greedy(model, input_ids, attention_mask, steps=6)
+    torch.manual_seed(1)
+    for parameter in model.model.decoder.layers.parameters():  # another model: other tokens, or the check is empty
+        parameter.data.add_(torch.randn_like(parameter))
+    changed = model.generate(
+        input_ids, attention_mask=attention_mask, generation_config=common.fixed_length_generation_config(1, 6)
+    )
+    assert not torch.equal(tokens, changed[:, 1:])
+    decoding_bounds.main(["--sizes", "tiny", "--rounds", "1", "--working-sets", "0.25,1"])
+    out = capsys.readouterr().out
+    assert out.count("| tiny |") == 1 and "oneDNN" in out
