@@ -193,12 +193,15 @@ class VanillaTransformerLinear(nn.Linear):
     @classmethod
     def stack(cls, linears: list[nn.Linear]) -> VanillaTransformerLinear:
         """One linear that computes `linears` side by side (their outputs concatenated on the last dimension), from
-        copies of their weights and biases, without gradients: for inference only."""
+        copies of their weights and biases (zeros for a linear without one), without gradients: for inference only."""
+        if len({linear.in_features for linear in linears}) != 1:
+            raise ValueError(f"Cannot stack linears of different input sizes {[m.in_features for m in linears]}.")
         weight = torch.cat([linear.weight.detach() for linear in linears])  # (sum of out_features, in_features)
-        bias = torch.cat([linear.bias.detach() for linear in linears])
-        stacked = cls(weight.shape[1], weight.shape[0], device="meta")
+        stacked = cls(weight.shape[1], weight.shape[0], bias=False, device="meta")
         stacked.weight = nn.Parameter(weight, requires_grad=False)
-        stacked.bias = nn.Parameter(bias, requires_grad=False)
+        if any(linear.bias is not None for linear in linears):
+            biases = [m.bias.detach() if m.bias is not None else weight.new_zeros(m.out_features) for m in linears]
+            stacked.bias = nn.Parameter(torch.cat(biases), requires_grad=False)
         return stacked
 
     def _reordered(self, weight: torch.Tensor, input: torch.Tensor) -> torch.Tensor:

@@ -289,6 +289,13 @@ def test_a_stacked_linear_computes_its_linears_side_by_side():
     assert stacked.weight.shape == (29, 12) and not stacked.weight.requires_grad
     linears[0].weight.data.zero_()  # a copy: later changes to the layers do not reach it
     assert stacked.weight[:12].abs().sum() > 0
+    no_bias = modeling.VanillaTransformerLinear(12, 4, bias=False)
+    with torch.no_grad():
+        expected = torch.cat([linears[1](x), F.linear(x, no_bias.weight)], dim=-1)
+        torch.testing.assert_close(modeling.VanillaTransformerLinear.stack([linears[1], no_bias])(x), expected)
+    assert modeling.VanillaTransformerLinear.stack([no_bias, no_bias]).bias is None
+    with pytest.raises(ValueError, match="different input sizes"):
+        modeling.VanillaTransformerLinear.stack([no_bias, modeling.VanillaTransformerLinear(5, 4)])
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
