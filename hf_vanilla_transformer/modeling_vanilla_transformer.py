@@ -238,30 +238,29 @@ def reordered_linear_weights(modules: Iterable[nn.Module]) -> Iterator[None]:
 
 @contextmanager
 def stacked_step_projections(attentions: Iterable[nn.Module]) -> Iterator[None]:
-    """Within this scope, each decoder self-attention among `attentions` whose projections can be read directly
-    (`VanillaTransformerAttention._fusable`) computes Q, K and V of a decoding step as one linear over a stacked copy
-    of W^Q, W^K and W^V; leaving the scope drops the copy.
+    """Within this scope, each decoder self-attention among `attentions` computes Q, K and V of a decoding step as one
+    linear over a stacked copy of W^Q, W^K and W^V, made at its first step; leaving the scope drops the copy.
 
     Why: a step multiplies each weight by a few rows, and on CPU each oneDNN call costs some 15 us besides reading
-    its weight: one (3D, D) GEMV instead of three (D, D) ones. Whole `generate()` calls, alternating with and without
-    it (2-core AMD EPYC): 1.03-1.06x faster at the small size (greedy and beam 4, batch 1 and 16), 1.00-1.02x at the
-    base size, whose larger matrices amortise that cost already. Scoped like `reordered_linear_weights`, for the
-    same reason: the copy is right only while the weights do not change, as within one `generate()` call. A
-    projection hooked or replaced during the call makes its layer go back to the three linears (checked per step).
+    its weight: one (3D, D) GEMV instead of three (D, D) ones. Whole greedy `generate()` calls, 41 pairs alternating
+    with and without it (2-core AMD EPYC), median ratio: 1.05x faster at the small size at batch 1 (quartiles
+    1.00-1.09) and 1.02x at batch 16, 1.00x at the base size, whose larger matrices amortise that cost already. A
+    small gain, near this machine's noise (shorter runs gave 0.96-1.06x), for a copy of 3 D x D per layer.
+
+    Scoped like `reordered_linear_weights`, for the same reason: the copy is right only while the weights do not
+    change, as within one `generate()` call. It is made inside the first step, where the weights are in place even
+    when a sharding wrapper gathers them only for the forward, and used only while the projections can be read
+    directly (`VanillaTransformerAttention._fusable`, checked at every step: a projection hooked or replaced during
+    the call gets its own call again).
     """
-    stacked = [
-        attention
-        for attention in attentions
-        if isinstance(attention, VanillaTransformerAttention) and not attention.is_cross and attention._fusable()
-    ]
-    for attention in stacked:
-        attention.step_projections = (
-            VanillaTransformerLinear.stack([attention.q_proj, attention.k_proj, attention.v_proj]),
-        )
+    attentions = [a for a in attentions if isinstance(a, VanillaTransformerAttention) and not a.is_cross]
+    for attention in attentions:
+        attention.stack_step_projections = True
     try:
         yield
     finally:
-        for attention in stacked:
+        for attention in attentions:
+            attention.stack_step_projections = False
             attention.step_projections = ()
 
 
@@ -432,6 +431,7 @@ class VanillaTransformerAttention(nn.Module):
         self.dropout = config.attention_dropout
         # W^Q, W^K and W^V stacked into one linear for decoding steps, inside `stacked_step_projections` only.
         # A tuple, not a module attribute, so that the copy never joins the model's modules or its state dict.
+        self.stack_step_projections = False
         self.step_projections: tuple[VanillaTransformerLinear, ...] = ()
         self.q_proj = VanillaTransformerLinear(config.d_model, config.d_model)
         self.k_proj = VanillaTransformerLinear(config.d_model, config.d_model)
@@ -558,6 +558,15 @@ class VanillaTransformerAttention(nn.Module):
         output = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=self.scaling)
         return self.out_proj(positions.unpad(output.transpose(1, 2)))  # (B, S, H, Dh) -> (N, D) -> (N, D)
 
+    def _stacked_projection(self) -> VanillaTransformerLinear:
+        """W^Q, W^K and W^V as one linear (see `stacked_step_projections`), made at the first call in its scope."""
+        if not self.step_projections:
+            stacked = VanillaTransformerLinear.stack([self.q_proj, self.k_proj, self.v_proj])
+            # Inside `generate()` the step linears also keep oneDNN's layout of their weights: so does this one.
+            stacked.reuse_reordered_weight = self.q_proj.reuse_reordered_weight
+            self.step_projections = (stacked,)
+        return self.step_projections[0]
+
     def decoding_step(
         self,
         hidden_states: torch.Tensor,
@@ -569,8 +578,8 @@ class VanillaTransformerAttention(nn.Module):
         fused kernel (eager and sdpa compute the same function), no attention weights. See
         `VanillaTransformerDecoderLayer.is_decoding_step` for when it runs."""
         batch = hidden_states.shape[0]
-        if self.step_projections and self._fusable():  # self-attention in `generate()`: one GEMM for Q, K and V
-            qkv = self.step_projections[0](hidden_states).chunk(3, dim=-1)  # 3 x (B, 1, D)
+        if self.stack_step_projections and self._fusable():  # self-attention in `generate()`: one GEMM for Q, K, V
+            qkv = self._stacked_projection()(hidden_states).chunk(3, dim=-1)  # 3 x (B, 1, D)
             query, key, value = (self._split_heads(part) for part in qkv)  # 3 x (B, H, 1, Dh)
             key, value = past_key_values.self_attention_cache.update(key, value, self.layer_idx)
         else:
@@ -805,12 +814,10 @@ class VanillaTransformerDecoderLayer(GradientCheckpointingLayer):
 
     def decoding_step_linears(self) -> list[nn.Module]:
         """The linear layers every decoding step runs: all of this layer's but the cross-attention key and value
-        projections, which run once per source (their output is cached); within `stacked_step_projections`, the
-        stacked self-attention projection in place of W^Q, W^K and W^V."""
-        attention = self.self_attn
-        projections = list(attention.step_projections) or [attention.q_proj, attention.k_proj, attention.v_proj]
-        cross = [self.encoder_attn.q_proj, self.encoder_attn.out_proj]
-        return [*projections, attention.out_proj, *cross, self.ffn.fc1, self.ffn.fc2]
+        projections, which run once per source (their output is cached). Within `stacked_step_projections` a step
+        runs W^Q, W^K and W^V as one stacked copy instead, which takes its settings from W^Q."""
+        attention = [self.self_attn.q_proj, self.self_attn.k_proj, self.self_attn.v_proj, self.self_attn.out_proj]
+        return [*attention, self.encoder_attn.q_proj, self.encoder_attn.out_proj, self.ffn.fc1, self.ffn.fc2]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1521,10 +1528,9 @@ class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedMod
         # (small) and 1.14x (base) faster, beam 4 at batch 1 1.27x and 1.13x, beam 4 at batch 16 1.03x and 1.02x.
         # Each decoder self-attention also computes Q, K and V of a step as one linear (`stacked_step_projections`).
         layers = self.model.decoder.layers
-        with stacked_step_projections(layer.self_attn for layer in layers):
-            step_linears = [self.lm_head] + [m for layer in layers for m in layer.decoding_step_linears()]
-            with reordered_linear_weights(step_linears):
-                return super().generate(inputs, generation_config, logits_processor, **kwargs)
+        step_linears = [self.lm_head] + [m for layer in layers for m in layer.decoding_step_linears()]
+        with stacked_step_projections(layer.self_attn for layer in layers), reordered_linear_weights(step_linears):
+            return super().generate(inputs, generation_config, logits_processor, **kwargs)
 
     def _source_lengths(self, inputs: torch.Tensor | None, kwargs: dict[str, Any]) -> torch.Tensor:
         """Tokens per source row: from the attention mask, else the non-padding ids, else the encoder output."""

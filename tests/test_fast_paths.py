@@ -307,9 +307,11 @@ def test_generate_stacks_the_self_attention_projections_for_its_steps_only(num_b
     kwargs = {"attention_mask": attention_mask, "num_beams": num_beams, "max_new_tokens": 6, "min_new_tokens": 6}
     kwargs.update(output_scores=True, return_dict_in_generate=True)
     stacked_calls: list[int] = []
+    made: list[bool] = []
     stack = modeling.VanillaTransformerLinear.stack
 
     def counted_stack(linears):
+        made.append(any(frame.function == "decoding_step" for frame in inspect.stack()))  # inside a step
         stacked = stack(linears)
         stacked.register_forward_hook(lambda *args: stacked_calls.append(1))
         return stacked
@@ -317,6 +319,7 @@ def test_generate_stacks_the_self_attention_projections_for_its_steps_only(num_b
     monkeypatch.setattr(modeling.VanillaTransformerLinear, "stack", staticmethod(counted_stack))
     fast = model.generate(input_ids, **kwargs)
     assert len(stacked_calls) == 6 * model.config.decoder_layers  # every step, every layer
+    assert made == [True] * model.config.decoder_layers  # one copy per layer and call, made at its first step
     assert all(layer.self_attn.step_projections == () for layer in model.model.decoder.layers)
     assert "step_projections" not in str(list(model.state_dict()))
     monkeypatch.setattr(modeling, "stacked_step_projections", lambda attentions: contextlib.nullcontext())
