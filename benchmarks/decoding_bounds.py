@@ -29,14 +29,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # make `benchmarks` importable as a script
 
 from benchmarks import common
+from benchmarks.linear_kernels import onednn_linear
 from hf_vanilla_transformer.modeling_vanilla_transformer import (
     VanillaTransformerForConditionalGeneration,
     VanillaTransformerLinear,
 )
-
-
-def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 def per_call_microseconds(call, calls: int, rounds: int = 5) -> float:
