@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -1439,14 +1440,45 @@ class SourceLengthLimitLogitsProcessor(LogitsProcessor):
         return torch.where(at_limit, only_eos, scores)
 
 
+# §6.1: "beam search with a beam size of 4 and length penalty α = 0.6", citing GNMT (Wu et al., 2016, eq. 14), which
+# divides a hypothesis' log-probability by lp(Y) = ((5 + |Y|) / 6)^α. transformers divides by |Y|^α and has no hook
+# for another form, so the model overrides the two beam-search helpers that apply it (`_update_finished_beams` and
+# `_check_early_stop_heuristic`), each in one line: it rescales what transformers is about to divide by |Y|^α so
+# that the result is divided by lp(Y) instead. The generation config's `length_penalty_type` picks the form:
+# "gnmt" (the paper's, saved by `paper_generation_config`) or "transformers" (|Y|^α; also what a generation config
+# without the key means, so checkpoints saved before it decode as they did). `generate()` sets the form for its call
+# in a context variable, which concurrent calls from other threads do not see. tests/test_generation.py pins the
+# ranking and the scores of both forms, so a transformers release that changes these helpers fails it loudly.
+LENGTH_PENALTY_TYPES = ("gnmt", "transformers")
+_length_penalty_type: ContextVar[str] = ContextVar("length_penalty_type", default="transformers")
+
+
+def length_penalty(length: int, alpha: float, penalty_type: str = "gnmt") -> float:
+    """The divisor of a beam hypothesis' summed log-probability: GNMT's ((5 + |Y|) / 6)^α or transformers' |Y|^α;
+    |Y| counts the generated tokens, EOS included."""
+    if penalty_type == "gnmt":
+        return ((5 + length) / 6) ** alpha
+    return float(length) ** alpha
+
+
+def _to_penalty_type(length: int, alpha: float) -> float:
+    """The factor that turns transformers' division by |Y|^α into one by the current call's length penalty."""
+    penalty_type = _length_penalty_type.get()
+    if penalty_type == "transformers" or length <= 0:
+        return 1.0
+    return length_penalty(length, alpha, "transformers") / length_penalty(length, alpha, penalty_type)
+
+
 def paper_generation_config(config: VanillaTransformerConfig) -> GenerationConfig:
-    """The decoding defaults of §6.1, saved as `generation_config.json`: beam size 4, length penalty alpha = 0.6,
-    early termination, and `max_length_offset` = 50, read by `generate()` as "input length + 50" whenever the
-    caller gives no `max_length` or `max_new_tokens`."""
+    """The decoding defaults of §6.1, saved as `generation_config.json`: beam size 4, GNMT's length penalty with
+    alpha = 0.6 (`length_penalty_type`), beam search that ends only when no live hypothesis can still beat the
+    finished ones (`early_stopping="never"`, tensor2tensor's rule), and `max_length_offset` = 50, read by
+    `generate()` as "input length + 50" whenever the caller gives no `max_length` or `max_new_tokens`."""
     generation_config = GenerationConfig.from_model_config(config)
     generation_config.num_beams = 4
     generation_config.length_penalty = 0.6
-    generation_config.early_stopping = True
+    generation_config.length_penalty_type = "gnmt"  # not a GenerationConfig field: saved and loaded as an extra key
+    generation_config.early_stopping = "never"
     generation_config.max_length_offset = 50  # not a GenerationConfig field: saved and loaded as an extra key
     generation_config._from_model_config = False  # ours, not derived from config.json: keep it as saved
     return generation_config
@@ -1527,10 +1559,35 @@ class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedMod
         # `reordered_linear_weights`). Measured on whole calls against not keeping it: greedy at batch 16 1.15x
         # (small) and 1.14x (base) faster, beam 4 at batch 1 1.27x and 1.13x, beam 4 at batch 16 1.03x and 1.02x.
         # Each decoder self-attention also computes Q, K and V of a step as one linear (`stacked_step_projections`).
+        penalty_type = getattr(config, "length_penalty_type", None) or "transformers"
+        if penalty_type not in LENGTH_PENALTY_TYPES:
+            raise ValueError(f"length_penalty_type must be one of {LENGTH_PENALTY_TYPES}, got {penalty_type!r}.")
         layers = self.model.decoder.layers
         step_linears = [self.lm_head] + [m for layer in layers for m in layer.decoding_step_linears()]
-        with stacked_step_projections(layer.self_attn for layer in layers), reordered_linear_weights(step_linears):
-            return super().generate(inputs, generation_config, logits_processor, **kwargs)
+        token = _length_penalty_type.set(penalty_type)
+        try:
+            with stacked_step_projections(layer.self_attn for layer in layers), reordered_linear_weights(step_linears):
+                return super().generate(inputs, generation_config, logits_processor, **kwargs)
+        finally:
+            _length_penalty_type.reset(token)
+
+    def _update_finished_beams(self, **kwargs: Any) -> Any:
+        """transformers' helper, with finished hypotheses scored by the call's length penalty (see `length_penalty`)."""
+        length = kwargs["cur_len"] + 1 - kwargs["decoder_prompt_len"]
+        kwargs["topk_log_probs"] = kwargs["topk_log_probs"] * _to_penalty_type(length, kwargs["length_penalty"])
+        return super()._update_finished_beams(**kwargs)
+
+    @staticmethod
+    def _check_early_stop_heuristic(**kwargs: Any) -> torch.Tensor:
+        """transformers' helper, with the best live score bounded by the call's length penalty. For
+        `early_stopping="never"` and α > 0 the bound assumes the longest allowed output: tensor2tensor's rule."""
+        if kwargs["early_stopping"] == "never" and kwargs["length_penalty"] > 0.0:
+            length = kwargs["max_length"] - kwargs["decoder_prompt_len"]
+        else:
+            length = kwargs["cur_len"] - kwargs["decoder_prompt_len"]
+        factor = _to_penalty_type(length, kwargs["length_penalty"])
+        kwargs["running_beam_scores"] = kwargs["running_beam_scores"] * factor
+        return GenerationMixin._check_early_stop_heuristic(**kwargs)
 
     def _source_lengths(self, inputs: torch.Tensor | None, kwargs: dict[str, Any]) -> torch.Tensor:
         """Tokens per source row: from the attention mask, else the non-padding ids, else the encoder output."""
@@ -1663,6 +1720,7 @@ class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedMod
 
 
 __all__ = [
+    "LENGTH_PENALTY_TYPES",
     "SourceLengthLimitLogitsProcessor",
     "VanillaTransformerForConditionalGeneration",
     "VanillaTransformerLinear",
@@ -1670,6 +1728,7 @@ __all__ = [
     "VanillaTransformerPreTrainedModel",
     "fused_linear_cross_entropy",
     "label_smoothed_cross_entropy",
+    "length_penalty",
     "paper_generation_config",
     "reordered_linear_weights",
     "shift_tokens_right",

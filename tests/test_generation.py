@@ -6,12 +6,13 @@ import copy
 
 import pytest
 import torch
-from conftest import EOS, PAD, VOCAB, decode_step_by_step, random_batch, tiny_model
+from conftest import BOS, EOS, PAD, VOCAB, decode_step_by_step, random_batch, tiny_model
 from transformers import AttentionInterface, AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
+from transformers.generation import LogitsProcessor, LogitsProcessorList
 from transformers.generation.utils import GenerationMixin
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from hf_vanilla_transformer.modeling_vanilla_transformer import CACHE_FIELD
+from hf_vanilla_transformer.modeling_vanilla_transformer import CACHE_FIELD, length_penalty
 from hf_vanilla_transformer.tokenization import train_tokenizer
 
 
@@ -117,8 +118,72 @@ def test_paper_decoding_defaults_are_the_saved_generation_config(tmp_path):
     model = tiny_model()
     model.save_pretrained(tmp_path)
     loaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path).generation_config
-    assert (loaded.num_beams, loaded.length_penalty, loaded.early_stopping) == (4, 0.6, True)
+    assert (loaded.num_beams, loaded.length_penalty, loaded.length_penalty_type) == (4, 0.6, "gnmt")
+    assert loaded.early_stopping == "never"
     assert loaded.max_length_offset == 50 and loaded.max_new_tokens is None
+
+
+class _ScriptedScores(LogitsProcessor):
+    """Replaces every step's scores by a script that depends only on the prefix, so the log-probability of each
+    hypothesis is known exactly: start -> 5 (-0.3) -> EOS (-0.7) is A, |A| = 2, sum -1.0; start -> 6 (-0.4) ->
+    7 7 7 7 (-0.2 each) -> EOS (-0.4) is B, |B| = 6, sum -1.6. Every other token is impossible."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scripted = torch.full_like(scores, -float("inf"))
+        for row, prefix in enumerate(input_ids.tolist()):
+            generated = prefix[1:]
+            if not generated:
+                scripted[row, 5], scripted[row, 6] = -0.3, -0.4
+            elif generated == [5]:
+                scripted[row, EOS] = -0.7
+            elif generated[0] == 6 and len(generated) < 5:
+                scripted[row, 7] = -0.2
+            elif generated[0] == 6:
+                scripted[row, EOS] = -0.4
+        return scripted
+
+
+@pytest.mark.parametrize(
+    ("penalty_type", "expected", "score"),
+    [
+        # |Y|^0.6: A -1.0 / 2^0.6 = -0.660 < B -1.6 / 6^0.6 = -0.546, so B wins.
+        ("transformers", [BOS, 6, 7, 7, 7, 7, EOS], -1.6 / 6**0.6),
+        # GNMT, ((5 + |Y|) / 6)^0.6: A -1.0 / (7/6)^0.6 = -0.912 > B -1.6 / (11/6)^0.6 = -1.112, so A wins.
+        ("gnmt", [BOS, 5, EOS], -1.0 / (7 / 6) ** 0.6),
+    ],
+)
+@pytest.mark.parametrize("early_stopping", [True, False, "never"])
+def test_beam_search_ranks_by_the_chosen_length_penalty(penalty_type, expected, score, early_stopping):
+    """§6.1's length penalty is GNMT's lp(Y) = ((5 + |Y|) / 6)^α (Wu et al., 2016), not transformers' |Y|^α; the two
+    rank A and B above in opposite orders, and the returned score is the log-probability divided by the penalty.
+    This pins the two transformers helpers the model overrides: if a release changes them, this fails."""
+    model = tiny_model(seed=4)
+    model.generation_config.length_penalty_type = penalty_type
+    input_ids, attention_mask, _ = random_batch(seed=5, batch=2)
+    out = model.generate(
+        input_ids,
+        attention_mask=attention_mask,
+        num_beams=2,
+        length_penalty=0.6,
+        early_stopping=early_stopping,
+        max_new_tokens=9,
+        logits_processor=LogitsProcessorList([_ScriptedScores()]),
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
+    for row in range(2):
+        assert _trimmed(out.sequences[row]) == expected
+        assert out.sequences_scores[row].item() == pytest.approx(score, abs=1e-6)
+    assert length_penalty(6, 0.6, "gnmt") == pytest.approx((11 / 6) ** 0.6)
+    assert length_penalty(6, 0.6, "transformers") == pytest.approx(6**0.6)
+
+
+def test_an_unknown_length_penalty_type_is_refused():
+    model = tiny_model()
+    model.generation_config.length_penalty_type = "wu"
+    input_ids, attention_mask, _ = random_batch(seed=5, batch=1)
+    with pytest.raises(ValueError, match="'wu'"):
+        model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=3)
 
 
 @pytest.mark.parametrize("num_beams", [1, 4])
