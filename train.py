@@ -50,6 +50,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from hf_vanilla_transformer import VanillaTransformerConfig, VanillaTransformerForConditionalGeneration
 from hf_vanilla_transformer.batching import TokenBatchSeq2SeqTrainer
+from hf_vanilla_transformer.callbacks import TrainingTimeBudget
 from hf_vanilla_transformer.corpus import SOURCE_LANG, TARGET_LANG
 from hf_vanilla_transformer.data import load_translation_dataset, tokenize_dataset
 from hf_vanilla_transformer.metrics import build_compute_metrics, decode
@@ -81,6 +82,11 @@ DEMO_RECIPE: dict[str, Any] = {
     "per_device_eval_batch_size": 64,
     "generation_num_beams": 1,
 }
+
+
+# --max_train_minutes without --max_steps: Trainer needs a step count, and the inverse square root schedule (§5.3)
+# does not depend on it, so a count no run reaches lets the time budget end training.
+UNTIL_TIME_IS_UP = 10**9
 
 
 def keep_freed_memory_in_heap() -> bool:
@@ -125,6 +131,10 @@ class ModelArguments:
         default=None, metadata={"help": "A tokenizer to use; default: the checkpoint's, or one trained on the data."}
     )
     vocab_size: int = field(default=37000, metadata={"help": "BPE vocabulary of a trained tokenizer (§5.1)."})
+    pre_tokenization: str = field(
+        default="byte_level",
+        metadata={"help": "A trained tokenizer's symbols: byte_level (UTF-8 bytes) or metaspace (NFKC characters)."},
+    )
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager or sdpa."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from a Hub checkpoint."})
     checkpoint_average: int = field(
@@ -192,6 +202,13 @@ class PaperTrainingArguments(Seq2SeqTrainingArguments):
             "every step (glibc mallopt). Faster steps; the process keeps its peak memory. See benchmarks/README.md."
         },
     )
+    max_train_minutes: float | None = field(
+        default=None,
+        metadata={
+            "help": "Stop training after this many minutes (evaluation time not counted), saving a checkpoint there; "
+            "without --max_steps, training then runs until this time is up."
+        },
+    )
     resume_from_checkpoint: str | None = field(
         default=None,
         metadata={
@@ -225,6 +242,8 @@ def parse_args(argv: list[str] | None = None):
                         setattr(group, key, value)
     if data_args.max_tokens == 0:
         data_args.max_tokens = None
+    if training_args.max_train_minutes is not None and "max_steps" not in explicit:
+        training_args.max_steps = UNTIL_TIME_IS_UP
     return model_args, data_args, training_args
 
 
@@ -271,7 +290,7 @@ def load_tokenizer(model_args: ModelArguments, raw: datasets.DatasetDict, data_a
     pairs = raw["train"]["translation"]
     texts = (pair[lang] for pair in pairs for lang in (data_args.source_lang, data_args.target_lang))
     started = time.perf_counter()
-    tokenizer = train_tokenizer(texts, vocab_size=model_args.vocab_size)
+    tokenizer = train_tokenizer(texts, vocab_size=model_args.vocab_size, pre_tokenization=model_args.pre_tokenization)
     logger.info("Trained a shared BPE vocabulary of %d tokens in %.1f s", len(tokenizer), time.perf_counter() - started)
     return tokenizer
 
@@ -369,7 +388,7 @@ def build_trainer(model, tokenizer, tokenized, training_args, data_args) -> Seq2
         "data_collator": collator,
         "processing_class": tokenizer,
         "compute_metrics": build_compute_metrics(tokenizer),
-        "callbacks": [SaveOnSignal()],
+        "callbacks": [SaveOnSignal(), TrainingTimeBudget(training_args.max_train_minutes)],
     }
     if data_args.max_tokens:
         return TokenBatchSeq2SeqTrainer(max_tokens=data_args.max_tokens, **kwargs)

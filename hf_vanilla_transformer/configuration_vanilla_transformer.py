@@ -110,9 +110,10 @@ class VanillaTransformerConfig(PretrainedConfig):
             each stack, which trains deep stacks without warm-up tricks. The paper is post-LN.
         layer_norm_eps (`float`, *optional*, defaults to 1e-5):
             LayerNorm epsilon (the paper does not give one; 1e-5 is PyTorch's and fairseq's).
-        init_std (`float`, *optional*):
-            Standard deviation of the normal init of embeddings. `None` means d_model^-0.5, so that the
-            sqrt(d_model) scaling of §3.4 brings embeddings to unit size (fairseq's choice).
+        init_std (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the normal initialisation of every Linear weight and embedding (BART's and
+            Marian's scheme; the paper states none, and this one measured best on real data). `None` gives fairseq's
+            and tensor2tensor's: Xavier-uniform Linears and N(0, d_model^-0.5) embeddings.
         use_cache (`bool`, *optional*, defaults to `True`):
             Whether the decoder returns its key/value cache for incremental decoding.
         pad_token_id, bos_token_id, eos_token_id, decoder_start_token_id (`int`, *optional*):
@@ -157,7 +158,7 @@ class VanillaTransformerConfig(PretrainedConfig):
     attention_type: str = "scaled_dot_product"
     norm_type: str = "layernorm"
     layer_norm_eps: float = 1e-5
-    init_std: float | None = None
+    init_std: float | None = 0.02
     use_cache: bool = True
     is_encoder_decoder: bool = True
     pad_token_id: int | None = 0

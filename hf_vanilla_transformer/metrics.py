@@ -18,7 +18,8 @@ def load_bleu() -> evaluate.EvaluationModule:
 
 
 def build_compute_metrics(tokenizer: PreTrainedTokenizerBase) -> Callable[[EvalPrediction], dict[str, float]]:
-    """A ``compute_metrics`` returning ``{"bleu": corpus BLEU, "gen_len": mean generated length in tokens}``."""
+    """A ``compute_metrics`` returning ``{"bleu": corpus BLEU, "length_ratio": output length / reference length
+    (sacreBLEU's tokens; below 1, BLEU's brevity penalty applies), "gen_len": mean generated length in tokens}``."""
     bleu = load_bleu()
 
     def compute_metrics(eval_prediction: EvalPrediction) -> dict[str, float]:
@@ -26,9 +27,13 @@ def build_compute_metrics(tokenizer: PreTrainedTokenizerBase) -> Callable[[EvalP
         labels = _as_ids(eval_prediction.label_ids, tokenizer.pad_token_id)
         hypotheses = decode(tokenizer, predictions)
         references = decode(tokenizer, labels)
-        score = bleu.compute(predictions=hypotheses, references=[[ref] for ref in references])["score"]
+        result = bleu.compute(predictions=hypotheses, references=[[ref] for ref in references])
         lengths = _generated_lengths(predictions, tokenizer)
-        return {"bleu": float(score), "gen_len": float(lengths.mean()) if lengths.size else 0.0}
+        return {
+            "bleu": float(result["score"]),
+            "length_ratio": result["sys_len"] / max(result["ref_len"], 1),
+            "gen_len": float(lengths.mean()) if lengths.size else 0.0,
+        }
 
     return compute_metrics
 

@@ -829,10 +829,15 @@ class VanillaTransformerDecoderLayer(GradientCheckpointingLayer):
 class VanillaTransformerPreTrainedModel(PreTrainedModel):
     """Initialisation, tying and the capabilities transformers reads off the class.
 
-    Initialisation (the paper states none; this is fairseq's and tensor2tensor's, which suits post-LN): every
-    Linear is Xavier-uniform with zero bias; token and learned position embeddings are N(0, d_model^-0.5) (or
-    `init_std`), so that the sqrt(d_model) scaling of §3.4 brings them to unit size, with the padding row zero;
-    LayerNorms start as the identity.
+    Initialisation. The paper states none. By default (`init_std=0.02`) every Linear weight and every embedding is
+    drawn from N(0, 0.02), as in BART, Marian and BERT, with zero biases, a zero padding row and LayerNorms that
+    start as the identity. Chosen by measurement on real data (README, "Real data"): against fairseq's and
+    tensor2tensor's scheme it trained to a much lower loss and higher BLEU at the small and the base size. Post-LN
+    sums each sub-layer's output into the residual stream before normalising it; small initial sub-layer outputs
+    leave each block close to the identity, which keeps the gradient to the lower layers intact early on (Liu et
+    al., 2020, "Understanding the Difficulty of Training Transformers"). `init_std=None` restores that other
+    scheme: Xavier-uniform Linears and N(0, d_model^-0.5) embeddings, which the sqrt(d_model) scaling of §3.4
+    brings to unit size.
     """
 
     config_class = VanillaTransformerConfig
@@ -886,7 +891,10 @@ class VanillaTransformerPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.init_std or self.config.d_model**-0.5
         if isinstance(module, nn.Linear):
-            init.xavier_uniform_(module.weight)
+            if self.config.init_std is None:
+                init.xavier_uniform_(module.weight)
+            else:
+                init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):

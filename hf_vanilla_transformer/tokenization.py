@@ -2,30 +2,49 @@
 
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 # Fixed ids: the model config defaults are pad 0, bos/decoder_start 1, eos 2. BpeTrainer gives special tokens the
 # first ids in list order, and `train_tokenizer` checks that they landed there.
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+PRE_TOKENIZATIONS = ("byte_level", "metaspace")
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 37000, min_frequency: int = 2) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE on `texts` (source and target sentences together, §5.1) and wrap it for transformers.
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int = 37000, min_frequency: int = 2, pre_tokenization: str = "byte_level"
+) -> PreTrainedTokenizerFast:
+    """Train a BPE on `texts` (source and target sentences together, §5.1) and wrap it for transformers.
 
-    Every encoded sequence ends in ``</s>``; ``<s>`` is not prepended, it is the decoder start token. Byte-level
-    pre-tokenization makes the tokenizer reversible: ``decode(encode(x), skip_special_tokens=True).strip() == x``.
+    `pre_tokenization` picks how text becomes the symbols BPE merges:
+
+    - ``"byte_level"`` (GPT-2's): UTF-8 bytes, so nothing is ever unknown and
+      ``decode(encode(x), skip_special_tokens=True).strip() == x`` for any text; a non-ASCII letter starts as two or
+      more byte symbols.
+    - ``"metaspace"`` (SentencePiece's, and Marian's): NFKC-normalised Unicode characters, spaces as ``▁``; a
+      character never seen in training becomes ``<unk>``, and decoding gives back the NFKC form of the text.
+
+    Every encoded sequence ends in ``</s>``; ``<s>`` is not prepended, it is the decoder start token.
     """
+    if pre_tokenization not in PRE_TOKENIZATIONS:
+        raise ValueError(f"pre_tokenization must be one of {PRE_TOKENIZATIONS}, got {pre_tokenization!r}.")
     tokenizer = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
-    # add_prefix_space: a word gets the same tokens at the start of a sentence as in the middle.
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    tokenizer.decoder = decoders.ByteLevel()
+    if pre_tokenization == "byte_level":
+        # add_prefix_space: a word gets the same tokens at the start of a sentence as in the middle.
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        tokenizer.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()  # all 256 bytes, so no input is ever unknown
+    else:
+        tokenizer.normalizer = normalizers.NFKC()
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+        tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+        alphabet = []
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
         special_tokens=list(SPECIAL_TOKENS.values()),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, so no input is ever unknown
+        initial_alphabet=alphabet,
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)

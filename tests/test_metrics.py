@@ -1,4 +1,4 @@
-"""BLEU through `evaluate` offline: same score as plain sacreBLEU, -100 handled, gen_len counted."""
+"""BLEU through `evaluate` offline: same score as plain sacreBLEU, -100 handled, gen_len and length ratio counted."""
 
 import os
 import subprocess
@@ -50,6 +50,10 @@ def test_compute_metrics_decodes_ids_with_minus_100(tokenizer):
     assert result["bleu"] == pytest.approx(sacrebleu.corpus_bleu(HYPOTHESES, [REFERENCES]).score)
     expected_len = np.mean([len(tokenizer(h)["input_ids"]) for h in HYPOTHESES])  # tokens + one </s>
     assert result["gen_len"] == pytest.approx(expected_len)
+    plain = sacrebleu.corpus_bleu(HYPOTHESES, [REFERENCES])
+    # 6 + 6 + 3 hypothesis words against 6 + 6 + 2 reference words (sacreBLEU's 13a tokens)
+    assert (plain.sys_len, plain.ref_len) == (15, 14)
+    assert result["length_ratio"] == pytest.approx(15 / 14)
 
 
 def test_perfect_predictions_score_100(tokenizer):

@@ -39,4 +39,10 @@ class LocalSacrebleu(evaluate.Metric):
             raise ValueError("every prediction needs the same number of references")
         streams = [list(stream) for stream in zip(*references, strict=True)]  # sacreBLEU wants one list per stream
         bleu = sacrebleu.corpus_bleu(predictions, streams, tokenize=tokenize)
-        return {"score": bleu.score, "bp": bleu.bp, "precisions": bleu.precisions}
+        return {
+            "score": bleu.score,
+            "bp": bleu.bp,
+            "precisions": bleu.precisions,
+            "sys_len": bleu.sys_len,
+            "ref_len": bleu.ref_len,
+        }

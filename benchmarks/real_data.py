@@ -1,0 +1,319 @@
+"""Real data, side by side: train.py's defaults against a plain MarianMTModel recipe, for the same training time.
+
+    python benchmarks/real_data.py TRAIN VAL --source_lang en --target_lang fr --minutes 30
+
+Trains, one after the other and each in a fresh process on this machine:
+
+- ``ours``: ``train.py`` with its defaults for the size (``--config_name small`` unless ``--size``), a tokenizer it
+  trains itself, stopped by ``--max_train_minutes``;
+- ``marian``: transformers' ``MarianMTModel`` configured as the same Transformer (post-LN, ReLU, sinusoidal
+  positions, one tied embedding matrix scaled by sqrt(d_model), the same sizes), trained with a plain
+  ``Seq2SeqTrainer`` recipe: Adam (0.9, 0.98), inverse square root schedule peaking at 1e-3 after 500 steps, label
+  smoothing 0.1, dropout 0.1, 64 sentences a batch, and its own 8k BPE with NFKC normalisation and Metaspace
+  pre-tokenization (SentencePiece-style, as OPUS-MT's Marian models use).
+
+Both stop after ``--minutes`` of training time (evaluation time not counted: `TrainingTimeBudget`) and evaluate greedy
+BLEU on the validation set every ``--eval_minutes`` for the learning curve. At the end each final model (ours:
+checkpoint-averaged as train.py does by default) translates the validation set greedily and with its saved beam-4
+settings, and the script reports sacreBLEU, the length ratio and training tokens per second (source tokens, padding
+excluded), writes ``benchmarks/results/<date>_real_data_<size>_<minutes>min.json`` and a learning-curve PNG beside it.
+The data is read from the given paths only; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+RESULTS = REPO / "benchmarks" / "results"
+SYSTEMS = ("ours", "marian")
+# The plain recipe the Marian baseline trains with (issue #17), and its tokenizer's size.
+MARIAN_RECIPE = {
+    "learning_rate": 1e-3,
+    "warmup_steps": 500,
+    "lr_scheduler_type": "inverse_sqrt",
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.98,
+    "label_smoothing_factor": 0.1,
+    "per_device_train_batch_size": 64,
+}
+MARIAN_VOCAB = 8000
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("train_file")
+    parser.add_argument("validation_file")
+    parser.add_argument("--source_lang", required=True)
+    parser.add_argument("--target_lang", required=True)
+    parser.add_argument("--minutes", type=float, default=30.0, help="Training time of each system.")
+    parser.add_argument("--eval_minutes", type=float, default=5.0, help="Learning-curve points every this often.")
+    parser.add_argument("--size", default="small", help="The preset of both models (train.py --config_name).")
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    parser.add_argument("--ours_args", default="", help="Extra train.py flags for ours (to measure a factor).")
+    parser.add_argument("--work_dir", default="outputs/real_data", help="Where the runs write their models.")
+    parser.add_argument("--name", default=None, help="Results file name (default: date, size and minutes).")
+    parser.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for path in (args.train_file, args.validation_file):
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: no such file")
+    if not args.minutes > 0 or not args.eval_minutes > 0:
+        raise ValueError(f"--minutes ({args.minutes}) and --eval_minutes ({args.eval_minutes}) must be positive")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+def read_pairs(path: str, source_lang: str, target_lang: str) -> tuple[list[str], list[str]]:
+    from hf_vanilla_transformer.data import load_translation_dataset
+
+    pairs = load_translation_dataset(
+        validation_file=path, source_lang=source_lang, target_lang=target_lang
+    )["validation"]["translation"]
+    return [p[source_lang] for p in pairs], [p[target_lang] for p in pairs]
+
+
+def translate(model, tokenizer, sources: list[str], num_beams: int, batch_size: int = 64) -> list[str]:
+    """Translations in input order, decoded in batches of similar source length (less padding)."""
+    import torch
+
+    model.eval()
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    outputs: list[str] = [""] * len(sources)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = tokenizer([sources[i] for i in rows], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            ids = model.generate(**batch, num_beams=num_beams)
+        for i, text in zip(rows, tokenizer.batch_decode(ids, skip_special_tokens=True), strict=True):
+            outputs[i] = text.strip()
+    return outputs
+
+
+def score(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    import sacrebleu
+
+    bleu = sacrebleu.corpus_bleu(hypotheses, [references])
+    return {"bleu": round(bleu.score, 2), "length_ratio": round(bleu.sys_len / bleu.ref_len, 4)}
+
+
+def final_scores(model, tokenizer, sources, references, seconds_per_eval: dict) -> dict:
+    result = {}
+    for name, beams in (("greedy", 1), ("beam4", 4)):
+        started = time.perf_counter()
+        hypotheses = translate(model, tokenizer, sources, num_beams=beams)
+        seconds_per_eval[name] = round(time.perf_counter() - started, 1)
+        result[name] = {**score(hypotheses, references), "example": hypotheses[0]}
+    return result
+
+
+def training_summary(log_history: list[dict]) -> dict:
+    """Steps, training minutes, source tokens per second and the learning curve from Trainer's log history."""
+    train_logs = [e for e in log_history if "num_input_tokens_seen" in e and "training_minutes" in e]
+    curve = [
+        {"step": e["step"], "minutes": e["training_minutes"], "bleu": round(e["eval_bleu"], 2)}
+        for e in log_history
+        if "eval_bleu" in e and "training_minutes" in e
+    ]
+    last = train_logs[-1] if train_logs else {}
+    minutes = last.get("training_minutes")
+    return {
+        "steps": max((e.get("step", 0) for e in log_history), default=0),
+        "training_minutes": minutes,
+        "source_tokens_per_second": round(last["num_input_tokens_seen"] / (60 * minutes)) if minutes else None,
+        "loss": [(e["step"], round(e["loss"], 4)) for e in log_history if "loss" in e],
+        "curve": curve,
+    }
+
+
+# ----------------------------------------------------------------------------------------------- the two systems
+
+
+def eval_steps_for(minutes_between: float, steps_per_second: float) -> int:
+    return max(50, int(minutes_between * 60 * steps_per_second))
+
+
+def run_ours(args: argparse.Namespace, out: Path) -> dict:
+    import shlex
+
+    import train  # the repository's train.py
+
+    argv = [
+        "--train_file", args.train_file, "--validation_file", args.validation_file,
+        "--source_lang", args.source_lang, "--target_lang", args.target_lang,
+        "--config_name", args.size, "--max_train_minutes", str(args.minutes),
+        "--output_dir", str(out), "--overwrite_output_dir", "--do_train",
+        "--eval_strategy", "steps", "--eval_steps", str(eval_steps_for(args.eval_minutes, 2.0)),
+        "--generation_num_beams", "1", "--include_num_input_tokens_seen", "non_padding",
+        "--logging_steps", "50", "--report_to", "none", "--disable_tqdm", "true",
+        *shlex.split(args.ours_args),
+    ]  # fmt: skip
+    train.main(argv)
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    state = json.loads((out / "trainer_state.json").read_text())
+    return {"model": model, "tokenizer": tokenizer, "log_history": state["log_history"], "command": argv}
+
+
+def run_marian(args: argparse.Namespace, out: Path) -> dict:
+    import datasets
+    from transformers import DataCollatorForSeq2Seq, MarianMTModel, Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    from benchmarks.common import marian_config
+    from hf_vanilla_transformer import VanillaTransformerConfig
+    from hf_vanilla_transformer.callbacks import TrainingTimeBudget
+    from hf_vanilla_transformer.data import load_translation_dataset, tokenize_dataset
+    from hf_vanilla_transformer.metrics import build_compute_metrics
+    from hf_vanilla_transformer.tokenization import train_tokenizer
+
+    raw = load_translation_dataset(
+        train_file=args.train_file,
+        validation_file=args.validation_file,
+        source_lang=args.source_lang,
+        target_lang=args.target_lang,
+    )
+    texts = (p[lang] for p in raw["train"]["translation"] for lang in (args.source_lang, args.target_lang))
+    tokenizer = train_tokenizer(texts, vocab_size=MARIAN_VOCAB, pre_tokenization="metaspace")
+    tokenized = tokenize_dataset(raw, tokenizer, args.source_lang, args.target_lang, 256, 256)
+    config = VanillaTransformerConfig.from_preset(args.size, vocab_size=len(tokenizer), dropout=0.1)
+    model = MarianMTModel(marian_config(config))  # Marian's own initialisation: N(0, 0.02) everywhere
+    model.generation_config.num_beams = 4  # transformers' defaults otherwise: length penalty 1.0, no early stop
+    model.generation_config.max_length = 256
+    training_args = Seq2SeqTrainingArguments(
+        output_dir=str(out),
+        max_steps=10**9,
+        eval_strategy="steps",
+        eval_steps=eval_steps_for(args.eval_minutes, 2.0),
+        save_strategy="no",
+        logging_steps=50,
+        predict_with_generate=True,
+        generation_num_beams=1,
+        per_device_eval_batch_size=64,
+        include_num_input_tokens_seen="non_padding",
+        use_cpu=True,
+        report_to="none",
+        disable_tqdm=True,
+        seed=42,
+        **MARIAN_RECIPE,
+    )
+    trainer = Seq2SeqTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=tokenized["train"],
+        eval_dataset=tokenized["validation"],
+        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model),
+        processing_class=tokenizer,
+        compute_metrics=build_compute_metrics(tokenizer),
+        callbacks=[TrainingTimeBudget(args.minutes)],
+    )
+    datasets.disable_progress_bars()
+    trainer.train()
+    return {"model": model, "tokenizer": tokenizer, "log_history": trainer.state.log_history, "recipe": MARIAN_RECIPE}
+
+
+def child(args: argparse.Namespace) -> None:
+    """One system in this process: train, evaluate, write `<work_dir>/<system>.json`."""
+    import torch
+
+    out = Path(args.work_dir) / args.child
+    started = time.perf_counter()
+    run = (run_ours if args.child == "ours" else run_marian)(args, out)
+    sources, references = read_pairs(args.validation_file, args.source_lang, args.target_lang)
+    seconds: dict[str, float] = {}
+    result = {
+        "system": args.child,
+        "parameters": sum(p.numel() for p in run["model"].parameters()),
+        **training_summary(run["log_history"]),
+        **final_scores(run["model"], run["tokenizer"], sources, references, seconds),
+        "evaluation_seconds": seconds,
+        "wall_seconds": round(time.perf_counter() - started),
+        "torch_threads": torch.get_num_threads(),
+        **{k: v for k, v in run.items() if k in ("command", "recipe")},
+    }
+    (Path(args.work_dir) / f"{args.child}.json").write_text(json.dumps(result, indent=1))
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def plot_curves(results: dict[str, dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, result in results.items():
+        points = [(0.0, 0.0)] + [(p["minutes"], p["bleu"]) for p in result["curve"]]
+        ax.plot(*zip(*points, strict=True), "o-", label=f"{name} (greedy during training)")
+        ax.plot([result["training_minutes"]], [result["beam4"]["bleu"]], "*", markersize=12, label=f"{name}, final beam 4")
+    ax.set_xlabel("training minutes (2 CPU cores)")
+    ax.set_ylabel("validation BLEU")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def table(results: dict[str, dict]) -> str:
+    lines = [
+        "| system | steps | training min | source tokens/s | greedy BLEU (ratio) | beam 4 BLEU (ratio) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {r['steps']} | {r['training_minutes']:.1f} | {r['source_tokens_per_second']} | "
+            f"{r['greedy']['bleu']:.2f} ({r['greedy']['length_ratio']:.3f}) | "
+            f"{r['beam4']['bleu']:.2f} ({r['beam4']['length_ratio']:.3f}) |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.child:
+        child(args)
+        return {}
+    Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+    forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
+    results = {}
+    for system in args.systems:  # one after the other, never two timed runs at once
+        subprocess.run([sys.executable, __file__, *forwarded, "--child", system], check=True, cwd=REPO)
+        results[system] = json.loads((Path(args.work_dir) / f"{system}.json").read_text())
+    import torch
+    import transformers
+
+    name = args.name or f"{datetime.date.today()}_real_data_{args.size}_{args.minutes:g}min"
+    RESULTS.mkdir(exist_ok=True)
+    report = {
+        "data": {"train": args.train_file, "validation": args.validation_file, "pair": f"{args.source_lang}-{args.target_lang}"},
+        "minutes": args.minutes,
+        "size": args.size,
+        "ours_args": args.ours_args,
+        "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__},
+        "results": results,
+    }
+    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=1))
+    plot_curves(results, RESULTS / f"{name}.png", f"{args.source_lang}->{args.target_lang}, {args.size}, validation")
+    print(table(results))
+    print(f"\nResults: {RESULTS / name}.json and .png")
+    return report
+
+
+if __name__ == "__main__":
+    main()
