@@ -155,10 +155,18 @@ def run_ours(args: argparse.Namespace, out: Path) -> dict:
         "--config_name", args.size, "--max_train_minutes", str(args.minutes),
         "--output_dir", str(out), "--overwrite_output_dir", "--do_train",
         "--eval_strategy", "steps", "--eval_steps", str(eval_steps_for(args.eval_minutes, 2.0)),
-        "--generation_num_beams", "1", "--include_num_input_tokens_seen", "non_padding",
+        "--generation_num_beams", "1", "--per_device_eval_batch_size", "64",
         "--logging_steps", "50", "--report_to", "none", "--disable_tqdm", "true",
         *shlex.split(args.ours_args),
     ]  # fmt: skip
+    parse_args = train.parse_args
+
+    def counting_tokens(argv_):  # HfArgumentParser reads this str-or-bool flag as a bool only
+        model_args, data_args, training_args = parse_args(argv_)
+        training_args.include_num_input_tokens_seen = "non_padding"
+        return model_args, data_args, training_args
+
+    train.parse_args = counting_tokens
     train.main(argv)
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 

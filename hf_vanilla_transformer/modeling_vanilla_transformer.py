@@ -1479,14 +1479,16 @@ def _to_penalty_type(length: int, alpha: float) -> float:
 
 def paper_generation_config(config: VanillaTransformerConfig) -> GenerationConfig:
     """The decoding defaults of §6.1, saved as `generation_config.json`: beam size 4, GNMT's length penalty with
-    alpha = 0.6 (`length_penalty_type`), beam search that ends only when no live hypothesis can still beat the
-    finished ones (`early_stopping="never"`, tensor2tensor's rule), and `max_length_offset` = 50, read by
-    `generate()` as "input length + 50" whenever the caller gives no `max_length` or `max_new_tokens`."""
+    alpha = 0.6 (`length_penalty_type`), and `max_length_offset` = 50, read by `generate()` as "input length + 50"
+    whenever the caller gives no `max_length` or `max_new_tokens`. Beam search ends once an input has 4 finished
+    hypotheses (`early_stopping=True`). tensor2tensor's rule, which ends only when no live hypothesis can still beat
+    the finished ones, is `early_stopping="never"`: on real validation data it gave the same BLEU, 1.8x slower
+    (README, "Real data")."""
     generation_config = GenerationConfig.from_model_config(config)
     generation_config.num_beams = 4
     generation_config.length_penalty = 0.6
     generation_config.length_penalty_type = "gnmt"  # not a GenerationConfig field: saved and loaded as an extra key
-    generation_config.early_stopping = "never"
+    generation_config.early_stopping = True
     generation_config.max_length_offset = 50  # not a GenerationConfig field: saved and loaded as an extra key
     generation_config._from_model_config = False  # ours, not derived from config.json: keep it as saved
     return generation_config

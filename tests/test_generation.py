@@ -119,7 +119,7 @@ def test_paper_decoding_defaults_are_the_saved_generation_config(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path).generation_config
     assert (loaded.num_beams, loaded.length_penalty, loaded.length_penalty_type) == (4, 0.6, "gnmt")
-    assert loaded.early_stopping == "never"
+    assert loaded.early_stopping is True
     assert loaded.max_length_offset == 50 and loaded.max_new_tokens is None
 
 

@@ -62,6 +62,26 @@ def test_demo_recipe_applies_only_without_data_and_only_to_unset_flags():
     assert model_args.config_name == "base"
 
 
+def test_small_recipe_applies_to_small_presets_on_real_data_and_only_to_unset_flags():
+    model_args, data_args, args = train.parse_args(["--train_file", "x.jsonl", "--config_name", "small"])
+    assert args.learning_rate == train.SMALL_RECIPE["learning_rate"] and model_args.vocab_size == 8000
+    assert model_args.checkpoint_average == args.save_total_limit == train.SMALL_RECIPE["checkpoint_average"]
+    assert data_args.max_tokens == train.SMALL_RECIPE["max_tokens"]
+    model_args, _, args = train.parse_args(
+        ["--train_file", "x.jsonl", "--config_name", "small", "--learning_rate", "5e-4", "--checkpoint_average", "0"]
+    )
+    assert args.learning_rate == 5e-4 and model_args.checkpoint_average == 0
+    model_args, _, args = train.parse_args(["--train_file", "x.jsonl", "--config_name", "base"])
+    assert args.learning_rate is None and model_args.vocab_size == 37000 and model_args.checkpoint_average == 0
+
+
+def test_max_train_minutes_without_max_steps_runs_until_the_time_is_up():
+    _, _, args = train.parse_args(["--train_file", "x.jsonl", "--config_name", "small", "--max_train_minutes", "30"])
+    assert args.max_train_minutes == 30 and args.max_steps == train.UNTIL_TIME_IS_UP
+    _, _, args = train.parse_args(["--train_file", "x.jsonl", "--max_train_minutes", "30", "--max_steps", "9"])
+    assert args.max_steps == 9
+
+
 def test_a_json_config_file_is_accepted(tmp_path):
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"output_dir": str(tmp_path / "o"), "max_steps": 9, "config_name": "big"}))
@@ -164,6 +184,18 @@ def test_resume_from_the_last_checkpoint_ends_with_the_same_weights(tmp_path):
     assert resumed_from(result.stderr).endswith("checkpoint-10")
     a, b = load_file(str(full / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_a_time_budget_stops_training_with_a_checkpoint_and_minutes_in_the_log(tmp_path):
+    out = tmp_path / "timed"
+    args = [*TINY_RUN, "--max_steps", "100000", "--save_steps", "100000", "--eval_steps", "100000"]
+    run_train([*args, "--max_train_minutes", "0.05", "--logging_steps", "1", "--do_train", "--output_dir", str(out)])
+    state = json.loads((out / "trainer_state.json").read_text())
+    step = state["global_step"]
+    assert 0 < step < 100000 and (out / f"checkpoint-{step}" / "model.safetensors").exists()
+    minutes = [entry["training_minutes"] for entry in state["log_history"] if "loss" in entry]
+    assert minutes == sorted(minutes) and 0 < minutes[-1] <= 0.05 + 0.02
 
 
 @pytest.mark.slow
