@@ -364,6 +364,9 @@ def move_label_smoothing_into_model(model, training_args: PaperTrainingArguments
         training_args.label_smoothing_factor = 0.0
 
 
+NULLABLE_FIELDS = ("init_std",)  # config fields whose None means something ('init_std=None': Xavier init)
+
+
 def _parse_overrides(text: str | None) -> dict[str, Any]:
     """'d_model=256,dropout=0.2' -> {'d_model': 256, 'dropout': 0.2}, typed by the config's field defaults."""
     if not text:
@@ -376,7 +379,9 @@ def _parse_overrides(text: str | None) -> dict[str, Any]:
         if not sep or key not in defaults:
             raise ValueError(f"--config_overrides: {item!r} is not 'field=value' for a VanillaTransformerConfig field.")
         default = defaults[key]
-        if isinstance(default, bool):
+        if value.strip().lower() == "none" and key in NULLABLE_FIELDS:
+            overrides[key] = None
+        elif isinstance(default, bool):
             overrides[key] = value.strip().lower() in ("1", "true", "yes")
         elif isinstance(default, (int, float)) and default is not None:
             overrides[key] = type(default)(float(value)) if isinstance(default, int) else float(value)
@@ -605,13 +610,19 @@ def card_values(model, training_args, model_args, data_args, metrics, raw, train
         "train_runtime": f"{train_result.metrics['train_runtime']:.0f} s" if train_result else "no time (no training)",
         "averaged_checkpoints": model_args.checkpoint_average or None,
         "num_beams": generation.num_beams,
-        "length_penalty": generation.length_penalty,
+        "length_penalty": _describe_length_penalty(generation),
         "max_length_offset": getattr(generation, "max_length_offset", 50),
         "eval_bleu": _fmt(metrics.get("eval_bleu")),
         "eval_samples": metrics.get("eval_samples"),
         "test_bleu": _fmt(metrics.get("predict_bleu")),
         "test_samples": metrics.get("predict_samples"),
     }
+
+
+def _describe_length_penalty(generation) -> str:
+    if getattr(generation, "length_penalty_type", None) == "gnmt":
+        return f"α = {generation.length_penalty} (GNMT's ((5 + |Y|) / 6)^α)"
+    return f"α = {generation.length_penalty} (|Y|^α)"
 
 
 def _fmt(value: float | None) -> str | None:

@@ -62,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ours_args", default="", help="Extra train.py flags for ours (to measure a factor).")
     parser.add_argument("--work_dir", default="outputs/real_data", help="Where the runs write their models.")
     parser.add_argument("--name", default=None, help="Results file name (default: date, size and minutes).")
+    parser.add_argument("--results_dir", default=str(RESULTS), help="Where the JSON and the PNG go.")
     parser.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for path in (args.train_file, args.validation_file):
@@ -78,9 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def read_pairs(path: str, source_lang: str, target_lang: str) -> tuple[list[str], list[str]]:
     from hf_vanilla_transformer.data import load_translation_dataset
 
-    pairs = load_translation_dataset(
-        validation_file=path, source_lang=source_lang, target_lang=target_lang
-    )["validation"]["translation"]
+    pairs = load_translation_dataset(validation_file=path, source_lang=source_lang, target_lang=target_lang)[
+        "validation"
+    ]["translation"]
     return [p[source_lang] for p in pairs], [p[target_lang] for p in pairs]
 
 
@@ -267,7 +268,9 @@ def plot_curves(results: dict[str, dict], path: Path, title: str) -> None:
     for name, result in results.items():
         points = [(0.0, 0.0)] + [(p["minutes"], p["bleu"]) for p in result["curve"]]
         ax.plot(*zip(*points, strict=True), "o-", label=f"{name} (greedy during training)")
-        ax.plot([result["training_minutes"]], [result["beam4"]["bleu"]], "*", markersize=12, label=f"{name}, final beam 4")
+        ax.plot(
+            [result["training_minutes"]], [result["beam4"]["bleu"]], "*", markersize=12, label=f"{name}, final beam 4"
+        )
     ax.set_xlabel("training minutes (2 CPU cores)")
     ax.set_ylabel("validation BLEU")
     ax.set_title(title)
@@ -307,19 +310,26 @@ def main(argv: list[str] | None = None) -> dict:
     import transformers
 
     name = args.name or f"{datetime.date.today()}_real_data_{args.size}_{args.minutes:g}min"
-    RESULTS.mkdir(exist_ok=True)
+    results_dir = Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
     report = {
-        "data": {"train": args.train_file, "validation": args.validation_file, "pair": f"{args.source_lang}-{args.target_lang}"},
+        "data": {
+            "train": args.train_file,
+            "validation": args.validation_file,
+            "pair": f"{args.source_lang}-{args.target_lang}",
+        },
         "minutes": args.minutes,
         "size": args.size,
         "ours_args": args.ours_args,
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__},
         "results": results,
     }
-    (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=1))
-    plot_curves(results, RESULTS / f"{name}.png", f"{args.source_lang}->{args.target_lang}, {args.size}, validation")
+    (results_dir / f"{name}.json").write_text(json.dumps(report, indent=1))
+    plot_curves(
+        results, results_dir / f"{name}.png", f"{args.source_lang}->{args.target_lang}, {args.size}, validation"
+    )
     print(table(results))
-    print(f"\nResults: {RESULTS / name}.json and .png")
+    print(f"\nResults: {results_dir / name}.json and .png")
     return report
 
 

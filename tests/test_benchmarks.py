@@ -101,3 +101,36 @@ def test_decoding_bounds_hand_written_step_finds_the_models_tokens(capsys):
     decoding_bounds.main(["--sizes", "tiny", "--rounds", "1", "--working-sets", "0.25,1"])
     out = capsys.readouterr().out
     assert out.count("| tiny |") == 1 and "oneDNN" in out
+
+
+@pytest.mark.slow
+def test_real_data_benchmark_runs_both_systems_and_reports_them(tmp_path):
+    """benchmarks/real_data.py end to end on a few hundred pairs of the embedded corpus written as JSON lines (the
+    real corpus is not in CI): both systems train for a few seconds, are scored, and land in the JSON and PNG."""
+    from hf_vanilla_transformer.corpus import build_default_corpus
+
+    corpus = build_default_corpus(seed=0, num_train=300, num_validation=12, num_test=1)
+    files = {}
+    for split in ("train", "validation"):
+        files[split] = tmp_path / f"{split}.jsonl"
+        files[split].write_text("".join(json.dumps({"translation": p}) + "\n" for p in corpus[split]["translation"]))
+    source, target = corpus["train"][0]["translation"].keys()
+    name = "pytest_real_data"
+    command = [
+        sys.executable, str(ROOT / "benchmarks" / "real_data.py"), str(files["train"]), str(files["validation"]),
+        "--source_lang", source, "--target_lang", target, "--size", "tiny", "--minutes", "0.05",
+        "--eval_minutes", "0.02", "--work_dir", str(tmp_path / "work"), "--name", name,
+        "--results_dir", str(tmp_path / "results"),
+        "--ours_args", "--vocab_size 300 --max_tokens 400 --warmup_steps 5 --save_steps 5",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((tmp_path / "results" / f"{name}.json").read_text())
+    assert (tmp_path / "results" / f"{name}.png").stat().st_size > 0
+    assert set(report["results"]) == {"ours", "marian"}
+    for system in report["results"].values():
+        assert 0 < system["training_minutes"] <= 0.05 + 0.05 and system["steps"] > 0
+        assert system["source_tokens_per_second"] > 0
+        for decoding in ("greedy", "beam4"):
+            assert 0 <= system[decoding]["bleu"] <= 100 and system[decoding]["length_ratio"] > 0
+    assert "| ours |" in result.stdout and "| marian |" in result.stdout

@@ -95,6 +95,7 @@ def test_config_overrides_are_typed_and_checked():
         "dropout": 0.2,
         "normalize_before": True,
     }
+    assert train._parse_overrides("init_std=None,dropout=0.3") == {"init_std": None, "dropout": 0.3}
     switches = train._parse_overrides("attention_type=additive,norm_type=batchnorm,position_embedding_type=learned")
     assert switches == {"attention_type": "additive", "norm_type": "batchnorm", "position_embedding_type": "learned"}
     with pytest.raises(ValueError, match="colour"):
