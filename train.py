@@ -64,11 +64,14 @@ REPO_ROOT = Path(__file__).resolve().parent
 # and only to the settings the user did not set. The schedule keeps the paper's shape (linear warm-up, then
 # inverse square root); the model is smaller, warm-up and training shorter, and the peak learning rate is set
 # directly, because d_model^-0.5 * warmup^-0.5 with 200 warm-up steps would be 6e-3. Dropout is off: the synthetic
-# corpus has no noise to overfit, and the run is short. Validation uses 200 sentences (greedy during training, beam 4
-# at the end); the test score uses the paper's beam 4 on all 1,000 test sentences.
+# corpus has no noise to overfit, and the run is short. The demo keeps Xavier initialisation (init_std=None): with the
+# default N(0, 0.02) this recipe stalled at a loss of 3.95 with validation BLEU 0.3 at step 750 (83.9 with Xavier),
+# measured; a plateau like that of a model not yet using the source (why, at this size and learning rate, was not
+# measured). Validation uses 200 sentences (greedy during training, beam 4 at the end); the test score uses the
+# paper's beam 4 on all 1,000 test sentences.
 DEMO_RECIPE: dict[str, Any] = {
     "config_name": "tiny",
-    "config_overrides": "d_model=128,encoder_ffn_dim=512,decoder_ffn_dim=512,dropout=0.0",
+    "config_overrides": "d_model=128,encoder_ffn_dim=512,decoder_ffn_dim=512,dropout=0.0,init_std=None",
     "vocab_size": 4000,
     "max_tokens": 3000,
     "max_steps": 1000,

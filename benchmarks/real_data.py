@@ -267,10 +267,9 @@ def plot_curves(results: dict[str, dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, result in results.items():
         points = [(0.0, 0.0)] + [(p["minutes"], p["bleu"]) for p in result["curve"]]
-        ax.plot(*zip(*points, strict=True), "o-", label=f"{name} (greedy during training)")
-        ax.plot(
-            [result["training_minutes"]], [result["beam4"]["bleu"]], "*", markersize=12, label=f"{name}, final beam 4"
-        )
+        (line,) = ax.plot(*zip(*points, strict=True), "o-", label=f"{name} (greedy during training)")
+        final = ([result["training_minutes"]], [result["beam4"]["bleu"]])
+        ax.plot(*final, "*", color=line.get_color(), markersize=12, label=f"{name}, final model, beam 4")
     ax.set_xlabel("training minutes (2 CPU cores)")
     ax.set_ylabel("validation BLEU")
     ax.set_title(title)
