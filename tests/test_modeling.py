@@ -242,7 +242,7 @@ def test_embeddings_tied_three_ways_and_scaled():
 
 
 def test_initialisation_is_as_documented():
-    model = VanillaTransformerForConditionalGeneration(tiny_config(vocab_size=4000, d_model=48))
+    model = VanillaTransformerForConditionalGeneration(tiny_config(vocab_size=4000, d_model=48, init_std=None))
     emb = model.model.encoder.embed_tokens.weight
     assert emb.std().item() == pytest.approx(48**-0.5, rel=0.05)
     assert torch.count_nonzero(emb[PAD]) == 0
@@ -405,3 +405,24 @@ def test_bad_input_gets_a_clear_value_error(model, kwargs, match):
 
 def test_characteristic_sizes_are_distinct():
     assert len({VOCAB, D_MODEL, HEADS, FFN, SRC_LEN, TGT_LEN, 2}) == 7
+
+
+def test_initialisation_is_normal_002_by_default_and_xavier_with_init_std_none():
+    """The default draws every Linear weight and embedding from N(0, 0.02) (measured best on real data, README);
+    `init_std=None` is fairseq's: Xavier-uniform Linears, N(0, d_model^-0.5) embeddings. Zero biases and padding row."""
+    for init_std in (0.02, None):
+        torch.manual_seed(0)
+        config = VanillaTransformerConfig.from_preset("small", vocab_size=2000, init_std=init_std)
+        model = VanillaTransformerForConditionalGeneration(config)
+        fc1 = model.model.encoder.layers[0].ffn.fc1  # (1024, 256)
+        embedding = model.model.encoder.embed_tokens.weight
+        if init_std is None:
+            bound = (6 / (256 + 1024)) ** 0.5
+            assert fc1.weight.abs().max() <= bound and fc1.weight.std().item() == pytest.approx(
+                bound / 3**0.5, rel=0.02
+            )
+            assert embedding[1:].std().item() == pytest.approx(256**-0.5, rel=0.02)
+        else:
+            assert fc1.weight.std().item() == pytest.approx(0.02, rel=0.02)
+            assert embedding[1:].std().item() == pytest.approx(0.02, rel=0.02)
+        assert torch.count_nonzero(fc1.bias) == 0 and torch.count_nonzero(embedding[config.pad_token_id]) == 0
