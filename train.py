@@ -18,10 +18,8 @@ version of that recipe (`DEMO_RECIPE`), evaluates BLEU and writes a Hub-ready mo
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -49,16 +47,17 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_vanilla_transformer import VanillaTransformerConfig, VanillaTransformerForConditionalGeneration
+from hf_vanilla_transformer.allocator import keep_freed_memory_in_heap
 from hf_vanilla_transformer.batching import TokenBatchSeq2SeqTrainer
 from hf_vanilla_transformer.callbacks import TrainingTimeBudget
 from hf_vanilla_transformer.corpus import SOURCE_LANG, TARGET_LANG
 from hf_vanilla_transformer.data import load_translation_dataset, tokenize_dataset
 from hf_vanilla_transformer.metrics import build_compute_metrics, decode
 from hf_vanilla_transformer.model_card import render_model_card
+from hf_vanilla_transformer.reporting import card_values, plot_cross_attention, plot_learning_curve
 from hf_vanilla_transformer.tokenization import train_tokenizer
 
 logger = logging.getLogger("train")
-REPO_ROOT = Path(__file__).resolve().parent
 
 # The paper's recipe shrunk to 2 CPU cores and about six minutes of training; applied only when no dataset is given,
 # and only to the settings the user did not set. The schedule keeps the paper's shape (linear warm-up, then
@@ -115,26 +114,6 @@ SMALL_RECIPE: dict[str, Any] = {
 # --max_train_minutes without --max_steps: Trainer needs a step count, and the inverse square root schedule (§5.3)
 # does not depend on it, so a count no run reaches lets the time budget end training.
 UNTIL_TIME_IS_UP = 10**9
-
-
-def keep_freed_memory_in_heap() -> bool:
-    """Tell glibc's malloc to keep freed memory for reuse; returns whether it took (False off glibc).
-
-    glibc serves each buffer above its mmap threshold (at most 32 MiB) with a fresh mmap and unmaps it when freed, so
-    a training step's large activations and gradients are mapped, page-faulted and zeroed anew on every step. At the
-    base size a step's FFN activations are 4096 tokens x 2048 x 4 bytes = 34 MB each. mallopt does at run time what
-    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=... MALLOC_TOP_PAD_=... do at start-up: serve them from the heap,
-    never give the heap back, and grow it 1 GiB at a time. torch has no CPU caching allocator of its own to do this.
-    """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # <malloc.h>
-    return all(
-        mallopt(option, value) == 1
-        for option, value in ((m_mmap_max, 0), (m_trim_threshold, 2**31 - 1), (m_top_pad, 2**30))
-    )
 
 
 def _has_accelerator() -> bool:
@@ -500,138 +479,6 @@ def save_final_model(trainer: Seq2SeqTrainer, card: str, pictures: list[Path]) -
     staging.rmdir()
 
 
-def _pyplot():
-    """matplotlib's pyplot on the file-only Agg backend (no display is needed, or present on servers)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_learning_curve(log_history: list[dict], path: Path) -> Path | None:
-    """Training loss and validation BLEU over steps, as a PNG."""
-    plt = _pyplot()
-    losses = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
-    bleus = [(e["step"], e["eval_bleu"]) for e in log_history if "eval_bleu" in e]
-    if not losses:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(*zip(*losses, strict=True), color="tab:blue", label="training loss (label-smoothed)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss", color="tab:blue")
-    if bleus:
-        ax2 = ax.twinx()
-        ax2.plot(*zip(*bleus, strict=True), "o-", color="tab:red", label="validation BLEU")
-        ax2.set_ylabel("BLEU", color="tab:red")
-    ax.set_title("Learning curve")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def plot_cross_attention(model, tokenizer, source: str, path: Path) -> Path:
-    """Cross-attention of the last decoder layer, one panel per head, for the model's own translation of `source`."""
-    plt = _pyplot()
-    model.eval()
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")  # only eager attention returns its weights
-    try:
-        inputs = tokenizer(source, return_tensors="pt").to(model.device)
-        with torch.no_grad():
-            output_ids = model.generate(**inputs, num_beams=1)
-            out = model(**inputs, decoder_input_ids=output_ids[:, :-1], output_attentions=True)
-    finally:
-        model.set_attn_implementation(previous)
-    weights = out.cross_attentions[-1][0].float().cpu()  # (H, T, S)
-    src_tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
-    tgt_tokens = tokenizer.convert_ids_to_tokens(output_ids[0, 1:])
-    heads = weights.shape[0]
-    cols = min(heads, 4)
-    rows = math.ceil(heads / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
-    for h, ax in enumerate(axes.flat):
-        if h >= heads:
-            ax.axis("off")
-            continue
-        ax.imshow(weights[h], cmap="viridis", aspect="auto")
-        ax.set_title(f"head {h + 1}")
-        ax.set_xticks(range(len(src_tokens)), [t.lstrip("Ġ") for t in src_tokens], rotation=90, fontsize=6)
-        ax.set_yticks(range(len(tgt_tokens)), [t.lstrip("Ġ") for t in tgt_tokens], fontsize=6)
-    fig.suptitle("Cross-attention, last decoder layer (rows: output tokens, columns: source tokens)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def card_values(model, training_args, model_args, data_args, metrics, raw, train_result) -> dict:
-    config = model.config
-    generation = model.generation_config
-    repo_id = training_args.hub_model_id or str(Path(training_args.output_dir).resolve())
-    dataset_id = (
-        data_args.dataset_name if data_args.dataset_name and not os.path.isdir(data_args.dataset_name) else None
-    )
-    if data_args.dataset_name:
-        data = f"`{data_args.dataset_name}` ({data_args.dataset_config_name or 'default config'})"
-    elif data_args.train_file:
-        data = f"local files (`{data_args.train_file}`)"
-    else:
-        data = "the embedded synthetic corpus of hf-vanilla-transformer (`hf_vanilla_transformer.corpus`, seed "
-        data += f"{data_args.corpus_seed}): a verb-final target language with case and agreement morphology"
-    sizes = ", ".join(f"{split} {len(ds)}" for split, ds in raw.items())
-    heads = config.encoder_attention_heads
-    return {
-        "model_name": Path(repo_id).name,
-        "repo_id": repo_id,
-        "source_lang": data_args.source_lang,
-        "target_lang": data_args.target_lang,
-        "dataset_id": dataset_id,
-        "dataset_name": data_args.dataset_name or "embedded synthetic corpus",
-        "dataset_type": dataset_id or "synthetic",
-        "encoder_layers": config.encoder_layers,
-        "decoder_layers": config.decoder_layers,
-        "d_model": config.d_model,
-        "ffn_dim": config.encoder_ffn_dim,
-        "heads": heads,
-        "position_embedding_type": config.position_embedding_type,
-        "vocab_size": config.vocab_size,
-        "dropout": config.dropout,
-        "num_parameters": f"{model.num_parameters() / 1e6:.1f}M",
-        "data_description": f"{data}; sentence pairs: {sizes}.",
-        "adam_beta1": training_args.adam_beta1,
-        "adam_beta2": training_args.adam_beta2,
-        "adam_epsilon": training_args.adam_epsilon,
-        "warmup_steps": int(training_args.warmup_steps),
-        "learning_rate": f"{training_args.learning_rate:.3g}",
-        "label_smoothing": getattr(config, "label_smoothing", 0.0) or training_args.label_smoothing_factor,
-        "train_steps": train_result.global_step if train_result else "no",
-        "num_processes": training_args.world_size,
-        "batching": f", batches of about {data_args.max_tokens} tokens" if data_args.max_tokens else "",
-        "train_runtime": f"{train_result.metrics['train_runtime']:.0f} s" if train_result else "no time (no training)",
-        "averaged_checkpoints": model_args.checkpoint_average or None,
-        "num_beams": generation.num_beams,
-        "length_penalty": _describe_length_penalty(generation),
-        "max_length_offset": getattr(generation, "max_length_offset", 50),
-        "eval_bleu": _fmt(metrics.get("eval_bleu")),
-        "eval_samples": metrics.get("eval_samples"),
-        "test_bleu": _fmt(metrics.get("predict_bleu")),
-        "test_samples": metrics.get("predict_samples"),
-    }
-
-
-def _describe_length_penalty(generation) -> str:
-    if getattr(generation, "length_penalty_type", None) == "gnmt":
-        return f"α = {generation.length_penalty} (GNMT's ((5 + |Y|) / 6)^α)"
-    return f"α = {generation.length_penalty} (|Y|^α)"
-
-
-def _fmt(value: float | None) -> str | None:
-    return None if value is None else f"{value:.2f}"
-
-
 # ----------------------------------------------------------------------------------------------- main
 
 
@@ -730,7 +577,7 @@ def finish(trainer, tokenizer, model_args, data_args, training_args, metrics, ra
     values["example_source"] = source
     values["learning_curve"] = "learning_curve.png" if curve else None
     values["attention_map"] = "cross_attention.png"
-    card = render_model_card(values, (REPO_ROOT / "model_card.md").read_text(encoding="utf-8"))
+    card = render_model_card(values)
     save_final_model(trainer, card, pictures)
     if training_args.push_to_hub:
         # Trainer.push_to_hub would first overwrite README.md with transformers' generic card; ours is the real one.

@@ -30,10 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # make `benchma
 
 from benchmarks import common
 from benchmarks.linear_kernels import onednn_linear
-from hf_vanilla_transformer.modeling_vanilla_transformer import (
-    VanillaTransformerForConditionalGeneration,
-    VanillaTransformerLinear,
-)
+from hf_vanilla_transformer.modeling_vanilla_transformer import VanillaTransformerForConditionalGeneration
 
 
 def per_call_microseconds(call, calls: int, rounds: int = 5) -> float:
@@ -84,7 +81,7 @@ def hand_written_greedy(
 ) -> tuple[torch.Tensor, float]:
     """Greedy decoding at batch 1 as a bare loop of the aten ops our decoding step runs (post-LN, sinusoids, no
     EOS until `steps` tokens, as the benchmark forces): the tokens, and the seconds per step spent in the step (the
-    embedding to the output projection). Each linear runs the kernel `VanillaTransformerLinear` runs."""
+    embedding to the output projection). Each linear runs the kernel `cpu_inference.OneDNNLinear` runs."""
     config, decoder = model.config, model.model.decoder
     heads, dim = config.decoder_attention_heads, config.d_model
     with torch.inference_mode():
@@ -100,7 +97,6 @@ def hand_written_greedy(
             return F.layer_norm(x, (dim,), block.layer_norm.weight, block.layer_norm.bias, block.layer_norm.eps)
 
         layers = decoder.layers
-        qkv = [VanillaTransformerLinear.stack([a.q_proj, a.k_proj, a.v_proj]) for a in (L.self_attn for L in layers)]
         cross = [
             (split(linear(L.encoder_attn.k_proj, memory)), split(linear(L.encoder_attn.v_proj, memory))) for L in layers
         ]
@@ -112,7 +108,9 @@ def hand_written_greedy(
             x = decoder.embed_tokens(token) * decoder.embed_scale + decoder.embed_positions(1, step)
             for i, layer in enumerate(layers):
                 attention = layer.self_attn
-                query, key, value = (split(part) for part in linear(qkv[i], x).chunk(3, dim=-1))
+                query, key, value = (
+                    split(linear(proj, x)) for proj in (attention.q_proj, attention.k_proj, attention.v_proj)
+                )
                 if cache[i] is not None:
                     key, value = torch.cat([cache[i][0], key], dim=2), torch.cat([cache[i][1], value], dim=2)
                 cache[i] = (key, value)

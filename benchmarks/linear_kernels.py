@@ -1,16 +1,16 @@
 """The linear layers of a decoding step: torch's default (`F.linear`, MKL) against oneDNN's fp32 linear, the kernel
-`VanillaTransformerLinear` runs without gradients on CPU.
+`cpu_inference.OneDNNLinear` runs inside `generate()` on CPU.
 
     python benchmarks/linear_kernels.py [--sizes small,base] [--rows 1,4,16,64] [--rounds 25]
 
 A decoding step reads every weight matrix once, for a few rows, after the rest of the model has pushed it out of
 cache. This measures the kernels in that state: each round runs one decoder's worth of distinct weight matrices
-(N layers x the linears of a step: the stacked 3D x D self-attention projection, three D x D attention matrices and
-the two FFN matrices), then the output projection, and so on
+(N layers x the linears of a step: six D x D attention matrices and the two FFN matrices), then the output
+projection, and so on
 for `--rounds` rounds; the kernels alternate round by round. It prints microseconds per call (median over rounds)
 for each matrix shape: `F.linear`; oneDNN on the plain weight, which it reorders into its blocked layout inside
-every call of more than one row; oneDNN on a weight reordered beforehand, as `VanillaTransformerLinear` keeps it
-within a `generate()` call; and the ratios.
+every call of more than one row; oneDNN on a weight reordered beforehand, as `OneDNNLinear` keeps it within a
+`generate()` call; and the ratios.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def decoder_shapes(size: str) -> tuple[list[tuple[int, int]], tuple[int, int]]:
     """The (out, in) shapes of one decoder's linear layers, in call order, and the output projection's."""
     config = common.model_config(size)
     d, ff = config.d_model, config.decoder_ffn_dim
-    layer = [(3 * d, d)] + [(d, d)] * 3 + [(ff, d), (d, ff)]  # self q|k|v, o; cross q, o; fc1, fc2
+    layer = [(d, d)] * 6 + [(ff, d), (d, ff)]  # self q, k, v, o; cross q, o; fc1, fc2
     return layer * config.decoder_layers, (config.vocab_size, d)
 
 

@@ -10,6 +10,7 @@ Measures, per size:
       n x n matmul, n = 3072) timed in the same alternating rounds as the steps, median over rounds: the machine's
       speed drifts within a run, and a peak taken once at the start gave more than 100% once it sped up (Run 9);
   (c) greedy and beam-4 generation tokens/s at batch 1 and 16, exactly --new-tokens tokens (ours vs Marian);
+  (e) each speed lever beside the model, on against off on the cases it targets (`benchmarks/levers.py`);
   (d) peak memory of a training step: ru_maxrss of a fresh process per (size, implementation, allocator) that
       builds one model and runs two steps on the middle token batch; "step" = that peak minus the RSS just before
       the first step (model, batch and libraries already resident). torch's CPU allocator keeps no statistics, and
@@ -37,7 +38,7 @@ sys.path.insert(0, str(ROOT))  # `python benchmarks/run.py` puts only benchmarks
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common, levers  # noqa: E402
 
 ALLOCATORS = ("default", "tuned")
 # (training repeats, generation repeats) per size: base steps take seconds each on 2 cores.
@@ -52,8 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="override the timed repeats of every measurement")
     parser.add_argument("--max-tokens", type=int, help="padded tokens per side of a bucketed batch (default 4096)")
     parser.add_argument("--new-tokens", type=int, help="tokens generated per output (default 32)")
+    parser.add_argument("--levers-only", action="store_true", help="measure only what each speed lever is worth")
     # Internal: the fresh processes this script starts for itself.
-    parser.add_argument("--worker", choices=("train", "memory"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("train", "memory", "levers"), help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     parser.add_argument("--impl", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -159,6 +161,15 @@ def spawn(args: argparse.Namespace, worker: str, size: str, allocator: str, impl
 # ---------------------------------------------------------------------------------------------------- report
 
 
+def measure_levers(args: argparse.Namespace, size: str, batch_sizes: tuple[int, ...], repeats: int) -> dict[str, Any]:
+    """Generation levers here (glibc's default allocator, as the generation benchmark); the training lever in a fresh
+    process with `train.py`'s allocator settings."""
+    generation = levers.generation_levers(size, batch_sizes, args.new_tokens, repeats)
+    training = spawn(args, "levers", size, "tuned")
+    print(f"{size}: levers done", flush=True)
+    return {"generation": generation, "training": training}
+
+
 def ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}" if b else "-"
 
@@ -168,6 +179,8 @@ def table(results: dict[str, Any]) -> list[str]:
     peak = results["matmul"]["peak_flops"]
     lines = list(common.TABLE_HEADER)
     for size, per_size in results["sizes"].items():
+        if "train" not in per_size:  # --levers-only
+            continue
         for allocator in ALLOCATORS:
             train = per_size["train"][allocator]
             for kind in (k for k in train if k.startswith(("fixed", "tokens"))):
@@ -191,6 +204,9 @@ def table(results: dict[str, Any]) -> list[str]:
                 _row(size, f"train step RSS growth, {allocator} malloc (MiB)", _pick(memory, "step_mib"), "{:.0f}")
             )
         lines.extend(common.format_generation(size, per_size["generation"]))
+    lever_results = {size: per_size["levers"] for size, per_size in results["sizes"].items() if "levers" in per_size}
+    if lever_results:
+        lines += ["", *levers.table(lever_results)]
     return lines
 
 
@@ -210,7 +226,11 @@ def _row(size: str, measure: str, values: dict[str, float], fmt: str) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.worker:
-        answer = train_worker(args) if args.worker == "train" else memory_worker(args)
+        if args.worker == "levers":
+            repeats = args.repeats or (1 if args.quick else FULL_REPEATS[args.size][0])
+            answer = levers.training_levers(args.size, args.max_tokens, repeats)
+        else:
+            answer = train_worker(args) if args.worker == "train" else memory_worker(args)
         print(json.dumps(answer))
         return answer
     started = time.perf_counter()
@@ -231,6 +251,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     print(f"matmul peak: {results['matmul']['peak_flops'] / 1e9:.1f} GFLOP/s", flush=True)
     for size in args.sizes:
+        gen_repeats = args.repeats or (1 if args.quick else FULL_REPEATS[size][1])
+        batch_sizes = (1, 2) if args.quick else (1, 16)
+        if args.levers_only:
+            results["sizes"][size] = {"levers": measure_levers(args, size, batch_sizes, gen_repeats)}
+            continue
         per_size: dict[str, Any] = {"train": {}, "memory": {}}
         for allocator in ALLOCATORS:  # default first, then tuned, each in its own fresh process
             per_size["train"][allocator] = spawn(args, "train", size, allocator)
@@ -241,10 +266,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 impl: spawn(args, "memory", size, allocator, impl) for impl in common.IMPLEMENTATIONS
             }
         print(f"{size}: memory done", flush=True)
-        gen_repeats = args.repeats or (1 if args.quick else FULL_REPEATS[size][1])
-        batch_sizes = (1, 2) if args.quick else (1, 16)
         per_size["generation"] = common.generation_benchmark(size, batch_sizes, args.new_tokens, gen_repeats)
         print(f"{size}: generation done", flush=True)
+        per_size["levers"] = measure_levers(args, size, batch_sizes, gen_repeats)
         results["sizes"][size] = per_size
     results["wall_s"] = time.perf_counter() - started
     results["load_average_at_end"] = os.getloadavg()

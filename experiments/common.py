@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,17 +25,19 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-import sacrebleu
 import torch
-import torch.nn.functional as F
-from transformers import PreTrainedTokenizerFast
+from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerFast, get_inverse_sqrt_schedule
 
 from hf_vanilla_transformer import VanillaTransformerConfig, VanillaTransformerForConditionalGeneration
+from hf_vanilla_transformer.batching import TokenBatchSampler
 from hf_vanilla_transformer.corpus import SOURCE_LANG, TARGET_LANG, build_default_corpus
+from hf_vanilla_transformer.metrics import load_bleu
+from hf_vanilla_transformer.modeling_vanilla_transformer import shift_tokens_right
 from hf_vanilla_transformer.tokenization import train_tokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DPI = 80
+BLEU = load_bleu()
 Pair = tuple[str, str]
 
 
@@ -125,39 +126,13 @@ def encode(tokenizer: PreTrainedTokenizerFast, data: Sequence[Pair]) -> list[tup
     return list(zip(sources, targets, strict=True))
 
 
-def token_batches(lengths: Sequence[int], max_tokens: int, rng: random.Random) -> list[list[int]]:
-    """§5.1 batching: sort by length, cut into batches of at most `max_tokens` padded tokens, shuffle the batches."""
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random()))
-    batches, current, longest = [], [], 0
-    for i in order:
-        longest_if_added = max(longest, lengths[i])
-        if current and longest_if_added * (len(current) + 1) > max_tokens:
-            batches.append(current)
-            current, longest_if_added = [], lengths[i]
-        current.append(i)
-        longest = longest_if_added
-    if current:
-        batches.append(current)
-    rng.shuffle(batches)
-    return batches
-
-
-def collate(examples: Sequence[tuple[list[int], list[int]]], pad: int = 0, bos: int = 1) -> dict[str, torch.Tensor]:
-    """Pad sources and targets; labels use -100 at padding; decoder inputs are labels shifted right after <s>."""
-    src_len = max(len(s) for s, _ in examples)
-    tgt_len = max(len(t) for _, t in examples)
-    input_ids = torch.full((len(examples), src_len), pad)
-    labels = torch.full((len(examples), tgt_len), -100)
-    for row, (s, t) in enumerate(examples):
-        input_ids[row, : len(s)] = torch.tensor(s)
-        labels[row, : len(t)] = torch.tensor(t)
-    decoder_input_ids = torch.cat([torch.full((len(examples), 1), bos), labels[:, :-1].clamp(min=0)], dim=1)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": (input_ids != pad).long(),
-        "decoder_input_ids": decoder_input_ids,
-        "labels": labels,
-    }
+def collate(tokenizer: PreTrainedTokenizerFast, examples: Sequence[tuple[list[int], list[int]]]) -> dict[str, Any]:
+    """What `train.py`'s collator does: `DataCollatorForSeq2Seq` pads (labels with -100), and the decoder input is
+    the labels shifted right after the start token (§3), the model's `prepare_decoder_input_ids_from_labels`."""
+    collator = DataCollatorForSeq2Seq(tokenizer, return_tensors="pt")
+    batch = dict(collator([{"input_ids": source, "labels": target} for source, target in examples]))
+    batch["decoder_input_ids"] = shift_tokens_right(batch["labels"], tokenizer.pad_token_id, tokenizer.bos_token_id)
+    return batch
 
 
 # ----------------------------------------------------------------------------------------------- model and training
@@ -205,27 +180,25 @@ def train(
     log_every: int = 25,
     on_step: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
 ) -> TrainResult:
-    """Adam (beta2 0.98, eps 1e-9) with linear warm-up then inverse square root (§5.3), label smoothing 0.1 (§5.4)."""
+    """Adam (beta2 0.98, eps 1e-9) with transformers' inverse-square-root schedule after a linear warm-up (§5.3),
+    label smoothing 0.1 (§5.4), on the package's token batches (§5.1)."""
     encoded = encode(tokenizer, train_pairs)
-    lengths = [max(len(s), len(t)) for s, t in encoded]
-    rng = random.Random(seed)
+    sampler = TokenBatchSampler([max(len(s), len(t)) for s, t in encoded], max_tokens, seed=seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate, betas=(0.9, 0.98), eps=1e-9)
-
-    def lr_factor(step: int) -> float:  # step counts from 0
-        s = step + 1
-        return s / warmup if s < warmup else math.sqrt(warmup / s)
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    result, window, batches, real_tokens = TrainResult(), [], [], 0
+    scheduler = get_inverse_sqrt_schedule(optimizer, num_warmup_steps=warmup)
+    model.config.label_smoothing = 0.1  # the model's own §5.4 loss, as train.py sets it
+    result, window, batches, real_tokens = TrainResult(), [], iter(()), 0
     model.train()
     started = time.perf_counter()
     for step in range(steps):
-        if not batches:
-            batches = token_batches(lengths, max_tokens, rng)
-        batch = collate([encoded[i] for i in batches.pop()], tokenizer.pad_token_id, tokenizer.bos_token_id)
-        labels = batch.pop("labels")
-        logits = model(**batch).logits
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, label_smoothing=0.1)
+        indices = next(batches, None)
+        if indices is None:  # a new pass over the data, in a new order
+            sampler.set_epoch(step)
+            batches = iter(sampler)
+            indices = next(batches)
+        batch = collate(tokenizer, [encoded[i] for i in indices])
+        labels = batch["labels"]
+        loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -265,8 +238,8 @@ def translate(model, tokenizer: PreTrainedTokenizerFast, sources: Sequence[str],
 
 
 def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
-    """Corpus BLEU with sacreBLEU's defaults (13a tokenisation), as `hf_vanilla_transformer.metrics` computes it."""
-    return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
+    """Corpus BLEU by the package's metric (sacreBLEU, 13a tokenisation), as `train.py` reports it."""
+    return float(BLEU.compute(predictions=list(hypotheses), references=[[r] for r in references])["score"])
 
 
 def evaluate_bleu(model, tokenizer: PreTrainedTokenizerFast, test_pairs: Sequence[Pair]) -> float:

@@ -23,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     num_train, num_test = (300, 20) if smoke else (8000, 200)
     data = common.load_data(num_train, num_test, seed=args.seed, vocab_size=500 if smoke else 2000)
     # A fixed batch of 32 training pairs for the memory measurement.
-    memory_batch = common.collate(common.encode(data.tokenizer, data.train[:32]))
+    memory_batch = common.collate(data.tokenizer, common.encode(data.tokenizer, data.train[:32]))
 
     results = {}
     for kind in TYPES:

@@ -1,4 +1,4 @@
-"""Fill `model_card.md` (the template every published model starts from) with the facts of one training run.
+"""Fill `model_card.md` (this package's template, every published model's card) with the facts of one training run.
 
 The template has `{{name}}` placeholders and optional blocks `<!-- if name -->...<!-- end -->`. A block whose value
 is unknown (missing or None) is left out, so the card never states a number the run did not produce; a
@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_card.md"
+TEMPLATE_PATH = Path(__file__).resolve().parent / "model_card.md"  # package data: a wheel ships it
 _BLOCK = re.compile(r"<!-- if (\w+) -->\n?(.*?)<!-- end -->\n?", re.DOTALL)
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 

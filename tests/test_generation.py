@@ -12,7 +12,8 @@ from transformers.generation import LogitsProcessor, LogitsProcessorList
 from transformers.generation.utils import GenerationMixin
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from hf_vanilla_transformer.modeling_vanilla_transformer import CACHE_FIELD, length_penalty
+from hf_vanilla_transformer.generation_vanilla_transformer import length_penalty
+from hf_vanilla_transformer.modeling_vanilla_transformer import CACHE_FIELD
 from hf_vanilla_transformer.tokenization import train_tokenizer
 
 

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import zipfile
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -36,7 +37,14 @@ from hf_vanilla_transformer.model_card import TEMPLATE_PATH, render_model_card
 from hf_vanilla_transformer.tokenization import train_tokenizer
 
 PACKAGE_DIR = Path(hf_vanilla_transformer.__file__).resolve().parent
-CODE_FILES = ("configuration_vanilla_transformer.py", "modeling_vanilla_transformer.py")
+# The model code save_pretrained copies beside the weights: the modeling file and every sibling it imports.
+CODE_FILES = (
+    "configuration_vanilla_transformer.py",
+    "modeling_vanilla_transformer.py",
+    "generation_vanilla_transformer.py",
+    "losses.py",
+    "cpu_inference.py",
+)
 REPO_ID = "user/tiny-vanilla"
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"  # any 40-hex commit hash names a cached snapshot
 MAX_NEW_TOKENS = 6
@@ -436,8 +444,35 @@ def test_a_missing_required_value_is_an_error(required):
         render_model_card(values)
 
 
-def test_the_template_is_the_packaged_one():
-    assert TEMPLATE_PATH.read_text(encoding="utf-8") == (PACKAGE_DIR.parent / "model_card.md").read_text("utf-8")
+@pytest.mark.slow
+def test_a_wheel_ships_the_card_template_and_every_code_file_the_model_imports(tmp_path):
+    """Installed from a wheel (no source tree beside it), the package renders the card and finds its code files."""
+    assert TEMPLATE_PATH.parent == PACKAGE_DIR
+    command = [sys.executable, "-m", "pip", "wheel", str(PACKAGE_DIR.parent), "--no-deps", "--no-build-isolation"]
+    subprocess.run([*command, "-q", "-w", str(tmp_path)], check=True, capture_output=True, cwd=tmp_path)
+    site = tmp_path / "site"
+    with zipfile.ZipFile(next(tmp_path.glob("*.whl"))) as wheel:
+        wheel.extractall(site)
+    assert {path.name for path in PACKAGE_DIR.glob("*.py")} <= {
+        path.name for path in (site / PACKAGE_DIR.name).iterdir()
+    }
+    values = card_values()
+    code = (
+        "import json, sys\n"
+        "from hf_vanilla_transformer import model_card\n"
+        "assert model_card.__file__.startswith(sys.argv[1]), model_card.__file__\n"
+        "print(model_card.render_model_card(json.loads(sys.argv[2])), end='')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(site), json.dumps(values)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout == render_model_card(values)
 
 
 # ----------------------------------------------------------------------------------------------- (e) safe loading

@@ -3,19 +3,37 @@ and invariances any correct implementation has (causality, padding, batch indepe
 
 from __future__ import annotations
 
+import copy
+import inspect
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BOS, D_MODEL, EOS, FFN, HEADS, PAD, SRC_LEN, TGT_LEN, VOCAB, random_batch, tiny_config, tiny_model
+from conftest import (
+    BOS,
+    D_MODEL,
+    EOS,
+    FFN,
+    HEADS,
+    PAD,
+    SRC_LEN,
+    TGT_LEN,
+    VOCAB,
+    decode_step_by_step,
+    random_batch,
+    tiny_config,
+    tiny_model,
+)
 from transformers import AutoModel, AutoModelForSeq2SeqLM
 
 from hf_vanilla_transformer import (
     VanillaTransformerConfig,
     VanillaTransformerForConditionalGeneration,
     VanillaTransformerModel,
+    losses,
 )
+from hf_vanilla_transformer import modeling_vanilla_transformer as modeling
 from hf_vanilla_transformer.modeling_vanilla_transformer import shift_tokens_right, sinusoidal_table
 
 # ----------------------------------------------------------------------------------------------- §3.5 positions
@@ -426,3 +444,68 @@ def test_initialisation_is_normal_002_by_default_and_xavier_with_init_std_none()
             assert fc1.weight.std().item() == pytest.approx(0.02, rel=0.02)
             assert embedding[1:].std().item() == pytest.approx(0.02, rel=0.02)
         assert torch.count_nonzero(fc1.bias) == 0 and torch.count_nonzero(embedding[config.pad_token_id]) == 0
+
+
+# -------------------------------------------------------------------------------------- one function, all paths
+
+
+def test_training_drops_out_where_section_5_4_says(monkeypatch):
+    """§5.4: on the output of each sub-layer and on the sums of embeddings and positional encodings, in both
+    stacks: 2 embedding sums + 2 encoder layers x 2 sub-layers + 2 decoder layers x 3 = 12 draws at P_drop."""
+    model = tiny_model(dropout=0.1).train()
+    draws: list[float] = []
+    original = F.dropout
+    monkeypatch.setattr(modeling.F, "dropout", lambda x, p, training: draws.append(p) or original(x, p, training))
+    input_ids, attention_mask, labels = random_batch()
+    model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss.backward()
+    assert draws.count(0.1) == 12
+
+
+def test_inference_logits_equal_training_path_logits(model):
+    """The whole model without gradients against the same forward with gradients."""
+    input_ids, attention_mask, labels = random_batch()
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "decoder_input_ids": labels}
+    reference = model(**batch).logits.detach()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_cached_one_token_steps_equal_the_plain_full_forward():
+    """Decoding steps skip the causal mask and read keys and values from the cache; the reference is one full
+    forward with gradients enabled."""
+    model = tiny_model()
+    input_ids, attention_mask, labels = random_batch()
+    decoder_input_ids = torch.cat([torch.ones(2, 1, dtype=torch.long), labels[:, :-1]], dim=1)
+    reference = model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids).logits
+    steps, _ = decode_step_by_step(model, input_ids, attention_mask, decoder_input_ids)
+    torch.testing.assert_close(steps, reference.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_a_cached_decoding_step_compiles_without_graph_breaks():
+    """torch.compile can take a whole decoding step as one graph (the CPU token-id check steps aside while compiling);
+    the training forward breaks only where the fused loss selects the non-padding rows (a data-dependent shape)."""
+    model = tiny_model()
+    input_ids, attention_mask, labels = random_batch()
+    start = torch.ones(2, 1, dtype=torch.long)
+    with torch.no_grad():
+        encoder_outputs = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask)
+        past = model(
+            encoder_outputs=encoder_outputs, attention_mask=attention_mask, decoder_input_ids=start, use_cache=True
+        )[modeling.CACHE_FIELD]
+        past_copy = copy.deepcopy(past)
+        step = {"encoder_outputs": encoder_outputs, "attention_mask": attention_mask, "past_key_values": past}
+        explained = torch._dynamo.explain(model)(**step, decoder_input_ids=start, use_cache=True)
+        step["past_key_values"] = past = copy.deepcopy(past_copy)  # explain ran the step: undo its append
+    assert explained.graph_break_count == 0, [str(reason.reason)[:200] for reason in explained.break_reasons]
+    with torch.no_grad():  # and inductor compiles and runs it
+        reference = model(**step, decoder_input_ids=start, use_cache=True).logits
+        step["past_key_values"] = past_copy  # a step appends to the cache it is given: the same cache as above
+        compiled = torch.compile(model, backend="inductor")(**step, decoder_input_ids=start, use_cache=True).logits
+    torch.testing.assert_close(compiled, reference, atol=1e-5, rtol=1e-5)
+    model.train()
+    model.fused_training_loss = True
+    explained = torch._dynamo.explain(model)(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    frames = [frame for reason in explained.break_reasons for frame in reason.user_stack[-1:]]
+    source = inspect.getsource(losses).splitlines()
+    assert frames and all(frame.filename == losses.__file__ for frame in frames), frames
+    assert all(".nonzero()" in source[frame.lineno - 1] for frame in frames)

@@ -231,8 +231,9 @@ def test_label_smoothing_moves_into_the_models_fused_loss():
 def test_keep_freed_memory_keeps_a_freed_64_mb_buffer_resident():
     """Default glibc unmaps a freed 64 MB buffer (RSS falls); after `keep_freed_memory_in_heap` it stays for reuse."""
     script = (
-        "import sys, torch, train\n"
-        "if sys.argv[1] == 'keep': assert train.keep_freed_memory_in_heap()\n"
+        "import sys, torch\n"
+        "from hf_vanilla_transformer.allocator import keep_freed_memory_in_heap\n"
+        "if sys.argv[1] == 'keep': assert keep_freed_memory_in_heap()\n"
         "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20\n"
         "x = torch.ones(16 * 2**20); before = rss(); del x\n"
         "print(before - rss())\n"

@@ -1,0 +1,139 @@
+"""What each speed lever beside the model is worth: the same model with the lever on and off, alternating in one
+process, on the cases it targets. `run.py` runs this as part of every full run (`--levers-only` runs just this).
+
+The levers and their off switches:
+- ``onednn_decoding`` (`cpu_inference.py`): generation with oneDNN stand-ins for the step linears, reordered weights
+  included, against `torch.backends.mkldnn.flags(enabled=False)` (the documented off switch: plain `nn.Linear`).
+- ``reordered_weights``: the same stand-ins without keeping oneDNN's layout of the weights (oneDNN then reorders
+  inside every call of more than one row), against with it.
+- ``fused_loss`` (`losses.py`): a training step as `train.py` runs it (`fused_training_loss`), against the plain
+  loss on full (B, T, V) logits. Run under `train.py`'s allocator settings (`common.ALLOCATOR_ENV`).
+
+A lever's worth is the median over rounds of time(off) / time(on) in the same round; the project keeps a lever only
+while that is at least 1.10 on some case it targets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+from unittest import mock
+
+import torch
+
+from benchmarks import common
+from hf_vanilla_transformer import cpu_inference
+
+KEEP_THRESHOLD = 1.10
+
+
+@contextlib.contextmanager
+def _onednn_off() -> Iterator[None]:
+    with torch.backends.mkldnn.flags(enabled=False):
+        yield
+
+
+def _reorder_off() -> contextlib.AbstractContextManager:
+    return mock.patch.object(cpu_inference, "_ONEDNN_REORDER", None)
+
+
+GENERATION_LEVERS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
+    "onednn_decoding": _onednn_off,
+    "reordered_weights": _reorder_off,
+}
+
+
+def _alternate(variants: dict[str, Callable[[], contextlib.AbstractContextManager]], run, repeats: int) -> dict:
+    """Time `run(index)` under each variant, interleaved (on, off1, off2, on, ...), after one warm-up each."""
+    for make in variants.values():
+        with make():
+            run(-1)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for index in range(repeats):
+        for name, make in variants.items():
+            with make():
+                start = time.perf_counter()
+                run(index)
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _speedups(times: dict[str, list[float]]) -> dict[str, Any]:
+    on = times["on"]
+    return {
+        "times_s": times,
+        **{
+            name: statistics.median(t / o for t, o in zip(ts, on, strict=True))
+            for name, ts in times.items()
+            if name != "on"
+        },
+    }
+
+
+def generation_levers(size: str, batch_sizes: tuple[int, ...], new_tokens: int, repeats: int) -> dict[str, Any]:
+    """Per generation case, the speed-up of each generation lever (and whether all variants found the same tokens)."""
+    model = common.build_ours(size).eval()
+    variants = {"on": contextlib.nullcontext, **GENERATION_LEVERS}
+    results: dict[str, Any] = {}
+    for mode, beams in common.GENERATION_CASES:
+        config = common.fixed_length_generation_config(beams, new_tokens)
+        for batch_size in batch_sizes:
+            input_ids, attention_mask = common.source_batch(model.config.vocab_size, batch_size, seed=batch_size)
+            outputs: list[torch.Tensor] = []
+
+            def run(_index: int, ids=input_ids, mask=attention_mask, config=config, outputs=outputs) -> None:
+                outputs.append(model.generate(input_ids=ids, attention_mask=mask, generation_config=config))
+
+            with torch.inference_mode():
+                times = _alternate(variants, run, repeats)
+            results[f"{mode}_b{batch_size}"] = {
+                **_speedups(times),
+                "same_output": all(torch.equal(output, outputs[0]) for output in outputs),
+            }
+    return results
+
+
+def training_levers(size: str, max_tokens: int, repeats: int) -> dict[str, Any]:
+    """The fused loss's speed-up on length-bucketed token batches (call in a process with the tuned allocator)."""
+    model = common.build_ours(size).train()
+    step = common.training_step("ours", model, common.make_optimizer(model))  # sets fused_training_loss
+    batches = common.token_batches(model.config.vocab_size, max_tokens, count=repeats)
+
+    @contextlib.contextmanager
+    def fused_loss_off() -> Iterator[None]:
+        model.fused_training_loss = False
+        try:
+            yield
+        finally:
+            model.fused_training_loss = True
+
+    variants = {"on": contextlib.nullcontext, "fused_loss": fused_loss_off}
+    times = _alternate(variants, lambda index: step(batches[max(index, 0)]), repeats)
+    return {f"tokens_{max_tokens}": _speedups(times)}
+
+
+def table(levers: dict[str, Any]) -> list[str]:
+    """Markdown: one row per (size, lever, case) with the speed-up, and per lever whether it clears the bar."""
+    lines = [
+        "| size | lever | case | speed-up (off time / on time) |",
+        "|---|---|---|---|",
+    ]
+    best: dict[str, float] = {}
+    for size, parts in levers.items():
+        for part in ("generation", "training"):
+            for case, row in parts.get(part, {}).items():
+                for lever, value in row.items():
+                    if lever in ("times_s", "same_output"):
+                        continue
+                    lines.append(f"| {size} | {lever} | {case} | {value:.2f} |")
+                    best[lever] = max(best.get(lever, 0.0), value)
+    lines.append("")
+    lines += [
+        f"- `{lever}`: best case {value:.2f}x, {'kept' if value >= KEEP_THRESHOLD else 'below'} the "
+        f"{KEEP_THRESHOLD:.2f}x bar"
+        for lever, value in best.items()
+    ]
+    return lines

@@ -1,0 +1,148 @@
+"""What a training run reports about itself: the learning-curve and cross-attention figures, and the facts the
+model card states (filled into `model_card.md`, this package's template, by `model_card.render_model_card`).
+
+`train.py` calls these at the end of a run; they read only the finished trainer's model, its log history, the
+parsed arguments and the metrics, so that each number on the card is one the run produced.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display is needed, or present on servers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_learning_curve(log_history: list[dict], path: Path) -> Path | None:
+    """Training loss and validation BLEU over steps, as a PNG."""
+    plt = _pyplot()
+    losses = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+    bleus = [(e["step"], e["eval_bleu"]) for e in log_history if "eval_bleu" in e]
+    if not losses:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*losses, strict=True), color="tab:blue", label="training loss (label-smoothed)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss", color="tab:blue")
+    if bleus:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*bleus, strict=True), "o-", color="tab:red", label="validation BLEU")
+        ax2.set_ylabel("BLEU", color="tab:red")
+    ax.set_title("Learning curve")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_cross_attention(model, tokenizer, source: str, path: Path) -> Path:
+    """Cross-attention of the last decoder layer, one panel per head, for the model's own translation of `source`."""
+    plt = _pyplot()
+    model.eval()
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # only eager attention returns its weights
+    try:
+        inputs = tokenizer(source, return_tensors="pt").to(model.device)
+        with torch.no_grad():
+            output_ids = model.generate(**inputs, num_beams=1)
+            out = model(**inputs, decoder_input_ids=output_ids[:, :-1], output_attentions=True)
+    finally:
+        model.set_attn_implementation(previous)
+    weights = out.cross_attentions[-1][0].float().cpu()  # (H, T, S)
+    src_tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
+    tgt_tokens = tokenizer.convert_ids_to_tokens(output_ids[0, 1:])
+    heads = weights.shape[0]
+    cols = min(heads, 4)
+    rows = math.ceil(heads / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+    for h, ax in enumerate(axes.flat):
+        if h >= heads:
+            ax.axis("off")
+            continue
+        ax.imshow(weights[h], cmap="viridis", aspect="auto")
+        ax.set_title(f"head {h + 1}")
+        ax.set_xticks(range(len(src_tokens)), [t.lstrip("Ġ") for t in src_tokens], rotation=90, fontsize=6)
+        ax.set_yticks(range(len(tgt_tokens)), [t.lstrip("Ġ") for t in tgt_tokens], fontsize=6)
+    fig.suptitle("Cross-attention, last decoder layer (rows: output tokens, columns: source tokens)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def card_values(model, training_args, model_args, data_args, metrics, raw, train_result) -> dict[str, Any]:
+    """The model card's values for one run; None where the run does not know a value (its block is left out)."""
+    config = model.config
+    generation = model.generation_config
+    repo_id = training_args.hub_model_id or str(Path(training_args.output_dir).resolve())
+    dataset_id = (
+        data_args.dataset_name if data_args.dataset_name and not os.path.isdir(data_args.dataset_name) else None
+    )
+    if data_args.dataset_name:
+        data = f"`{data_args.dataset_name}` ({data_args.dataset_config_name or 'default config'})"
+    elif data_args.train_file:
+        data = f"local files (`{data_args.train_file}`)"
+    else:
+        data = "the embedded synthetic corpus of hf-vanilla-transformer (`hf_vanilla_transformer.corpus`, seed "
+        data += f"{data_args.corpus_seed}): a verb-final target language with case and agreement morphology"
+    sizes = ", ".join(f"{split} {len(ds)}" for split, ds in raw.items())
+    heads = config.encoder_attention_heads
+    return {
+        "model_name": Path(repo_id).name,
+        "repo_id": repo_id,
+        "source_lang": data_args.source_lang,
+        "target_lang": data_args.target_lang,
+        "dataset_id": dataset_id,
+        "dataset_name": data_args.dataset_name or "embedded synthetic corpus",
+        "dataset_type": dataset_id or "synthetic",
+        "encoder_layers": config.encoder_layers,
+        "decoder_layers": config.decoder_layers,
+        "d_model": config.d_model,
+        "ffn_dim": config.encoder_ffn_dim,
+        "heads": heads,
+        "position_embedding_type": config.position_embedding_type,
+        "vocab_size": config.vocab_size,
+        "dropout": config.dropout,
+        "num_parameters": f"{model.num_parameters() / 1e6:.1f}M",
+        "data_description": f"{data}; sentence pairs: {sizes}.",
+        "adam_beta1": training_args.adam_beta1,
+        "adam_beta2": training_args.adam_beta2,
+        "adam_epsilon": training_args.adam_epsilon,
+        "warmup_steps": int(training_args.warmup_steps),
+        "learning_rate": f"{training_args.learning_rate:.3g}",
+        "label_smoothing": getattr(config, "label_smoothing", 0.0) or training_args.label_smoothing_factor,
+        "train_steps": train_result.global_step if train_result else "no",
+        "num_processes": training_args.world_size,
+        "batching": f", batches of about {data_args.max_tokens} tokens" if data_args.max_tokens else "",
+        "train_runtime": f"{train_result.metrics['train_runtime']:.0f} s" if train_result else "no time (no training)",
+        "averaged_checkpoints": model_args.checkpoint_average or None,
+        "num_beams": generation.num_beams,
+        "length_penalty": _describe_length_penalty(generation),
+        "max_length_offset": getattr(generation, "max_length_offset", 50),
+        "eval_bleu": _fmt(metrics.get("eval_bleu")),
+        "eval_samples": metrics.get("eval_samples"),
+        "test_bleu": _fmt(metrics.get("predict_bleu")),
+        "test_samples": metrics.get("predict_samples"),
+    }
+
+
+def _describe_length_penalty(generation) -> str:
+    if getattr(generation, "length_penalty_type", None) == "gnmt":
+        return f"α = {generation.length_penalty} (GNMT's ((5 + |Y|) / 6)^α)"
+    return f"α = {generation.length_penalty} (|Y|^α)"
+
+
+def _fmt(value: float | None) -> str | None:
+    return None if value is None else f"{value:.2f}"

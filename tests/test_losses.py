@@ -1,0 +1,102 @@
+"""The §5.4 loss, plain and fused with the output projection (`losses.py`): the same value and gradients.
+
+Tolerances: fp32 paths agree to 1e-5 (absolute, on losses of about 3.6 and on gradients; only the order of float
+sums differs), bf16 autocast to 2e-2 relative (bf16 has 8 bits of mantissa).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_batch, tiny_model
+from transformers.trainer_pt_utils import LabelSmoother
+
+from hf_vanilla_transformer import losses
+from hf_vanilla_transformer.losses import fused_linear_cross_entropy, label_smoothed_cross_entropy
+
+
+def _padded_labels(labels: torch.Tensor) -> torch.Tensor:
+    labels = labels.clone()
+    labels[1, 2:] = -100  # a short target: padding the loss must skip
+    return labels
+
+
+def _loss_and_grads(model, labels, **kwargs):
+    input_ids, attention_mask, _ = random_batch()
+    model.zero_grad()
+    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+    loss = out.loss
+    if out.logits is not None:  # the plain path: transformers' own smoother over the full logits, as Trainer does
+        loss = LabelSmoother(model.config.label_smoothing)({"logits": out.logits}, labels, shift_labels=False)
+    loss.backward()
+    return out, loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+@pytest.mark.parametrize("chunk_rows", [3, 256])  # several chunks (3 rows each) and one
+def test_fused_loss_equals_trainer_label_smoother_on_full_logits(monkeypatch, epsilon, chunk_rows):
+    monkeypatch.setattr(losses, "FUSED_LOSS_CHUNK_ROWS", chunk_rows)
+    model = tiny_model(label_smoothing=epsilon).train()  # dropout 0: both passes compute the same function
+    labels = _padded_labels(random_batch()[2])
+    fused_out, fused_loss, fused_grads = _loss_and_grads(model, labels, return_logits=False)
+    plain_out, plain_loss, plain_grads = _loss_and_grads(model, labels)
+    assert fused_out.logits is None and plain_out.logits is not None
+    assert fused_loss.item() == pytest.approx(plain_loss.item(), abs=1e-5)
+    assert plain_out.loss.item() == pytest.approx(plain_loss.item(), abs=1e-5)  # the model's own plain loss too
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_fused_loss_matches_the_formula_of_section_5_4():
+    """(1 - eps) * -log p(y) + eps * mean_v -log p(v), averaged over the rows, written out by hand."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(2, 3, 4), torch.randn(6, 4)
+    labels = torch.tensor([[1, 5, -100], [0, 2, 3]])
+    eps = 0.2
+    log_p = torch.log_softmax(hidden @ weight.T, dim=-1)
+    terms = [
+        (1 - eps) * -log_p[b, t, labels[b, t]] - eps * log_p[b, t].mean()
+        for b in range(2)
+        for t in range(3)
+        if labels[b, t] != -100
+    ]
+    expected = torch.stack(terms).mean()
+    assert fused_linear_cross_entropy(hidden, weight, labels, eps).item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_logits_are_left_out_only_of_training_steps_that_opted_in():
+    model = tiny_model()
+    input_ids, attention_mask, labels = random_batch()
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    model.train()
+    assert model(**batch).logits is not None  # the transformers default: logits with the loss
+    assert model(**batch, return_logits=False).logits is None
+    model.fused_training_loss = True  # as train.py sets it
+    assert model(**batch).logits is None  # a training step: the loss only
+    assert model(**batch, return_logits=True).logits.shape == (*labels.shape, model.config.vocab_size)
+    with torch.no_grad():
+        assert model(**batch).logits is not None  # no gradients: not a training step
+    assert model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=labels).logits is not None
+    model.eval()
+    assert model(**batch).logits is not None
+
+
+def test_fused_loss_under_bf16_autocast_is_close_to_the_plain_path():
+    model = tiny_model(label_smoothing=0.1).train()
+    labels = _padded_labels(random_batch()[2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, fused_loss, fused_grads = _loss_and_grads(model, labels, return_logits=False)
+        _, plain_loss, plain_grads = _loss_and_grads(model, labels)
+    assert torch.isfinite(fused_loss)
+    assert fused_loss.item() == pytest.approx(plain_loss.item(), rel=2e-2)
+    for name in ("model.encoder.embed_tokens.weight", "model.decoder.layers.0.ffn.fc1.weight"):  # tied lm_head
+        fused, plain = fused_grads[name], plain_grads[name]
+        assert fused.dtype == plain.dtype == torch.float32
+        assert (fused - plain).norm() <= 2e-2 * plain.norm(), name
+
+
+def test_plain_loss_is_trainer_label_smoother():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(2, 5, 11), _padded_labels(torch.randint(0, 11, (2, 5)))
+    expected = LabelSmoother(0.1)({"logits": logits}, labels, shift_labels=False)
+    assert label_smoothed_cross_entropy(logits, labels, 0.1).item() == pytest.approx(expected.item(), abs=1e-6)
