@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, help="padded tokens per side of a bucketed batch (default 4096)")
     parser.add_argument("--new-tokens", type=int, help="tokens generated per output (default 32)")
     parser.add_argument("--levers-only", action="store_true", help="measure only what each speed lever is worth")
+    parser.add_argument("--readme-table", type=Path, help="print the README's speed table from a results JSON; no run")
     # Internal: the fresh processes this script starts for itself.
     parser.add_argument("--worker", choices=("train", "memory", "levers"), help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
@@ -223,8 +224,44 @@ def _row(size: str, measure: str, values: dict[str, float], fmt: str) -> str:
     )
 
 
+def readme_table(results: dict[str, Any]) -> list[str]:
+    """The README's speed table, from a results JSON (so the README copies no figure by hand): per size, training on
+    token batches and the fixed batch (glibc's default allocator) and with `train.py`'s allocator, peak memory, and
+    generation tokens/s, ours against Marian and CTranslate2."""
+    lines = [
+        "| size | measure | ours | Marian | CTranslate2 | ours / Marian | ours / CTranslate2 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for size, per_size in results["sizes"].items():
+        train = per_size["train"]
+        for allocator, label in (("default", "glibc default malloc"), ("tuned", "train.py's malloc settings")):
+            for kind in (k for k in train[allocator] if k.startswith(("tokens", "fixed"))):
+                ours, marian = (train[allocator][kind][impl]["tokens_per_s"] for impl in ("ours", "marian"))
+                name = f"{kind[7:]}-token" if kind.startswith("tokens_") else kind.replace("fixed_", "fixed ")
+                row = f"training, {name} batch, {label} (tok/s)"
+                lines.append(f"| {size} | {row} | {ours:.0f} | {marian:.0f} | - | {ours / marian:.2f} | - |")
+        memory = per_size["memory"]["default"]
+        ours, marian = memory["ours"]["peak_rss_mib"], memory["marian"]["peak_rss_mib"]
+        lines.append(
+            f"| {size} | training peak memory (MiB) | {ours:.0f} | {marian:.0f} | - | {ours / marian:.2f} | - |"
+        )
+        for case, row in per_size["generation"].items():
+            if case == "setup":
+                continue
+            ct2 = row.get("ctranslate2")
+            ct2_speed, ct2_ratio = (f"{ct2:.1f}", f"{row['ours'] / ct2:.2f}") if ct2 else ("-", "-")
+            cells = f"{row['ours']:.1f} | {row['marian']:.1f} | {ct2_speed}"
+            ratios = f"{row['ratio']:.2f} | {ct2_ratio}"
+            lines.append(f"| {size} | {case.replace('_b', ', batch ')} (tok/s) | {cells} | {ratios} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.readme_table:
+        results = json.loads(args.readme_table.read_text())
+        print("\n".join(readme_table(results)))
+        return results
     if args.worker:
         if args.worker == "levers":
             repeats = args.repeats or (1 if args.quick else FULL_REPEATS[args.size][0])

@@ -2,7 +2,8 @@
 
 `onednn_decoding(model)` swaps each plain `nn.Linear` that a decoding step runs (the decoder's, but for the
 cross-attention key and value projections, whose output is cached, and the output projection) for a
-`OneDNNLinear` holding the same parameters, and puts the originals back when the call ends; the model's
+`OneDNNLinear` holding the same parameters (those large enough to repay oneDNN's cost per call:
+`MIN_WEIGHT_ENTRIES`), and puts the originals back when the call ends; the model's
 `generate()` enters it. It applies on CPU in fp32, where torch was built with oneDNN and `torch.backends.mkldnn`
 is enabled; elsewhere, and while compiling, it does nothing. `torch.backends.mkldnn.flags(enabled=False)` turns it
 off. This follows transformers' quantizer and kernels integrations: the modeling file keeps `nn.Linear`, and speed
@@ -43,6 +44,14 @@ _ONEDNN_REORDER = (
     if _ONEDNN_LINEAR is not None and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
     else None
 )
+
+
+# Below this many weight entries a linear stays on MKL: oneDNN's call costs some 15 us more than MKL's, which only
+# larger weights repay. Measured on whole generate() calls (benchmarks/results/2026-12-01_onednn_size_rule.json):
+# d_model 64 and 128 models decoded fastest with no linear swapped, and 2**17 keeps them within a few per cent of
+# that, while the small preset (d_model 256) with its 256 x 256 attention matrices left on MKL stays as fast as with
+# every linear swapped.
+MIN_WEIGHT_ENTRIES = 2**17
 
 
 class OneDNNLinear(nn.Linear):
@@ -88,9 +97,10 @@ def applies(model: nn.Module) -> bool:
 
 
 def decoding_step_linears(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(parent, attribute) of each linear layer a decoding step runs that is a plain `nn.Linear` without hooks:
-    the decoder's, but for the cross-attention key and value projections (run once per source), and the output
-    projection. Wrapped layers (LoRA adapters, quantized layers) and hooked ones keep running as they are."""
+    """(parent, attribute) of each linear layer a decoding step runs that is a plain `nn.Linear` without hooks, of at
+    least `MIN_WEIGHT_ENTRIES` weights: the decoder's, but for the cross-attention key and value projections (run
+    once per source), and the output projection. Wrapped layers (LoRA adapters, quantized layers) and hooked ones
+    keep running as they are."""
     places = [(model, name) for name, child in model.named_children() if child is model.get_output_embeddings()]
     for parent_name, parent in model.get_decoder().named_modules():
         if type(parent).__module__ != type(model).__module__:
@@ -102,7 +112,7 @@ def decoding_step_linears(model: nn.Module) -> list[tuple[nn.Module, str]]:
 
 def _plain(module: nn.Module) -> bool:
     hooked = module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook")
-    return type(module) is nn.Linear and not hooked
+    return type(module) is nn.Linear and not hooked and module.weight.numel() >= MIN_WEIGHT_ENTRIES
 
 
 @contextmanager

@@ -18,6 +18,12 @@ from hf_vanilla_transformer.cpu_inference import OneDNNLinear, decoding_step_lin
 needs_onednn = pytest.mark.skipif(cpu_inference._ONEDNN_LINEAR is None, reason="this torch build has no oneDNN")
 
 
+@pytest.fixture(autouse=True)
+def every_size(monkeypatch):
+    """The tests' models are far below the size rule: let it pass every linear, except where a test checks the rule."""
+    monkeypatch.setattr(cpu_inference, "MIN_WEIGHT_ENTRIES", 0)
+
+
 def _record(monkeypatch, op: str) -> list[tuple]:
     """Record the arguments of each call of one of cpu_inference's oneDNN ops (still calling it), so that a test
     cannot pass by the fast path not being taken."""
@@ -215,3 +221,11 @@ def test_threads_generating_with_one_model_each_get_what_they_get_alone():
     for (thread, repeat), output in results.items():
         assert torch.equal(output, alone[(thread + repeat) % 2]), (thread, repeat)
     assert not any(isinstance(module, OneDNNLinear) for module in model.modules())
+
+
+def test_only_linears_large_enough_to_repay_onednn_are_swapped(monkeypatch):
+    monkeypatch.setattr(cpu_inference, "MIN_WEIGHT_ENTRIES", 2**17)
+    small = tiny_model()
+    assert decoding_step_linears(small) == []  # d_model 12: nothing repays the call
+    large_vocab = tiny_model(vocab_size=12_000)  # an output projection of 144,000 entries
+    assert decoding_step_linears(large_vocab) == [(large_vocab, "lm_head")]
