@@ -7,10 +7,11 @@ The levers and their off switches:
 - ``reordered_weights``: the same stand-ins without keeping oneDNN's layout of the weights (oneDNN then reorders
   inside every call of more than one row), against with it.
 - ``fused_loss`` (`losses.py`): a training step as `train.py` runs it (`fused_training_loss`), against the plain
-  loss on full (B, T, V) logits. Run under `train.py`'s allocator settings (`common.ALLOCATOR_ENV`).
+  loss on full (B, T, V) logits: speed under glibc's default allocator and under `train.py`'s settings
+  (`common.ALLOCATOR_ENV`), and the peak memory (RSS) of two steps, each variant alone in a fresh process.
 
-A lever's worth is the median over rounds of time(off) / time(on) in the same round; the project keeps a lever only
-while that is at least 1.10 on some case it targets.
+A lever's worth in speed is the median over rounds of time(off) / time(on) in the same round, in memory peak(off) /
+peak(on); the project keeps a lever only while one of them is at least 1.10 on some case it targets.
 """
 
 from __future__ import annotations
@@ -118,21 +119,21 @@ def training_levers(size: str, max_tokens: int, repeats: int) -> dict[str, Any]:
 def table(levers: dict[str, Any]) -> list[str]:
     """Markdown: one row per (size, lever, case) with the speed-up, and per lever whether it clears the bar."""
     lines = [
-        "| size | lever | case | speed-up (off time / on time) |",
+        "| size | lever | case | worth (off / on: time, or peak memory) |",
         "|---|---|---|---|",
     ]
     best: dict[str, float] = {}
     for size, parts in levers.items():
-        for part in ("generation", "training"):
+        for part in ("generation", "training", "memory"):
             for case, row in parts.get(part, {}).items():
                 for lever, value in row.items():
-                    if lever in ("times_s", "same_output"):
+                    if lever in ("times_s", "same_output", "peaks_mib"):
                         continue
                     lines.append(f"| {size} | {lever} | {case} | {value:.2f} |")
                     best[lever] = max(best.get(lever, 0.0), value)
     lines.append("")
     lines += [
-        f"- `{lever}`: best case {value:.2f}x, {'kept' if value >= KEEP_THRESHOLD else 'below'} the "
+        f"- `{lever}`: best case {value:.2f}x, {'clears' if value >= KEEP_THRESHOLD else 'below'} the "
         f"{KEEP_THRESHOLD:.2f}x bar"
         for lever, value in best.items()
     ]

@@ -125,12 +125,15 @@ def memory_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Peak RSS of two training steps of one implementation, alone in this fresh process."""
     build = {
         "ours": lambda: common.build_ours(args.size),
+        "ours_plain_loss": lambda: common.build_ours(args.size),  # the fused-loss lever off (levers.py)
         "marian": lambda: common.build_marian(None, args.size),
         "torch": lambda: common.build_torch(None, args.size),
     }[args.impl]
     model = build().train()
     batch = common.token_batches(common.model_config(args.size).vocab_size, args.max_tokens, count=3)[1]
-    step = common.training_step(args.impl, model, common.make_optimizer(model))
+    step = common.training_step(args.impl.removesuffix("_plain_loss"), model, common.make_optimizer(model))
+    if args.impl == "ours_plain_loss":
+        model.fused_training_loss = False
     before = common.current_rss_mib()
     for _ in range(2):  # the first step also allocates Adam's moments
         step(batch)
@@ -163,12 +166,18 @@ def spawn(args: argparse.Namespace, worker: str, size: str, allocator: str, impl
 
 
 def measure_levers(args: argparse.Namespace, size: str, batch_sizes: tuple[int, ...], repeats: int) -> dict[str, Any]:
-    """Generation levers here (glibc's default allocator, as the generation benchmark); the training lever in a fresh
-    process with `train.py`'s allocator settings."""
+    """Generation levers here (glibc's default allocator, as the generation benchmark). The fused loss: training speed
+    in fresh processes under both allocators, and the peak memory of two steps with and without it, each alone in a
+    fresh process (as the memory benchmark)."""
     generation = levers.generation_levers(size, batch_sizes, args.new_tokens, repeats)
-    training = spawn(args, "levers", size, "tuned")
+    training = {}
+    for allocator in ALLOCATORS:
+        for kind, row in spawn(args, "levers", size, allocator).items():
+            training[f"{kind}, {allocator} malloc"] = row
+    peaks = {impl: spawn(args, "memory", size, "default", impl)["peak_rss_mib"] for impl in ("ours", "ours_plain_loss")}
+    memory = {"peak RSS, default malloc": {"fused_loss": peaks["ours_plain_loss"] / peaks["ours"], "peaks_mib": peaks}}
     print(f"{size}: levers done", flush=True)
-    return {"generation": generation, "training": training}
+    return {"generation": generation, "training": training, "memory": memory}
 
 
 def ratio(a: float, b: float) -> str:
