@@ -99,6 +99,11 @@ class VanillaTransformerConfig(PretrainedConfig):
         tie_word_embeddings (`bool`, *optional*, defaults to `True`):
             Share one matrix between the source embedding, the target embedding and the pre-softmax projection
             (§3.4). With `False` the three are separate.
+        attention_bias (`bool`, *optional*, defaults to `False`):
+            Bias terms in the attention projections W^Q, W^K, W^V and W^O. §3.2.2 defines them as matrices, and
+            tensor2tensor builds them without biases; only the FFN has b_1 and b_2 (§3.3). `True` gives the layout of
+            `torch.nn.Transformer`, fairseq and Marian, which all add biases (the parity tests set it to copy their
+            weights). A config saved before this field existed loads as `True`: those checkpoints have biases.
         attention_type (`str`, *optional*, defaults to `"scaled_dot_product"`):
             The attention score (§3.2.1): `"scaled_dot_product"` (the paper's), `"dot_product"` (no 1/sqrt(d_k)) or
             `"additive"` (Bahdanau-style, per head). For experiments; the paper uses the first.
@@ -154,6 +159,7 @@ class VanillaTransformerConfig(PretrainedConfig):
     position_embedding_type: str = "sinusoidal"
     scale_embedding: bool = True
     tie_word_embeddings: bool = True
+    attention_bias: bool = False
     normalize_before: bool = False
     attention_type: str = "scaled_dot_product"
     norm_type: str = "layernorm"
@@ -209,12 +215,23 @@ class VanillaTransformerConfig(PretrainedConfig):
             raise ValueError(
                 f"`activation_function` must be one of {ACTIVATION_FUNCTIONS}, got {self.activation_function!r}."
             )
+        for name in ("attention_bias", "scale_embedding", "normalize_before"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
         if self.init_std is not None and not self.init_std > 0:
             raise ValueError(f"`init_std` must be positive or None, got {self.init_std!r}.")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
             token_id = getattr(self, name)
             if token_id is not None and not 0 <= token_id < self.vocab_size:
                 raise ValueError(f"`{name}` ({token_id}) must lie in the vocabulary [0, {self.vocab_size}).")
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        """`PretrainedConfig.from_dict`, reading a saved config without `attention_bias` as the code that saved it
+        built the model: with biases in every attention projection (the field and its paper default came later)."""
+        if "attention_bias" not in config_dict and "attention_bias" not in kwargs:
+            config_dict = {**config_dict, "attention_bias": True}
+        return super().from_dict(config_dict, **kwargs)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> VanillaTransformerConfig:

@@ -46,12 +46,11 @@ _ONEDNN_REORDER = (
 )
 
 
-# Below this many weight entries a linear stays on MKL: oneDNN's call costs some 15 us more than MKL's, which only
-# larger weights repay. Measured on whole generate() calls (benchmarks/results/2026-12-01_onednn_size_rule.json):
-# d_model 64 and 128 models decoded fastest with no linear swapped, and 2**17 keeps them within a few per cent of
-# that, while the small preset (d_model 256) with its 256 x 256 attention matrices left on MKL stays as fast as with
-# every linear swapped.
-MIN_WEIGHT_ENTRIES = 2**17
+# Below this many weight entries a linear stays on MKL: a oneDNN call has a larger fixed cost than MKL's
+# (`benchmarks/decoding_bounds.py` measures both), which only larger weights repay. Chosen on whole generate() calls
+# (`benchmarks/results/2026-12-01_onednn_size_rule.json`): models of d_model 64 and 128 decode fastest with nothing
+# swapped, and the small preset as fast with its 256 x 256 attention matrices left on MKL as with everything swapped.
+MIN_WEIGHT_ENTRIES = 2**16
 
 
 class OneDNNLinear(nn.Linear):
@@ -62,11 +61,12 @@ class OneDNNLinear(nn.Linear):
     layout serves any count), and uses it for the rest of the call. One-row calls read the plain weight as fast.
     """
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, keep_layout: bool = True) -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight  # the same Parameter objects, not copies
         self.bias = linear.bias
+        self.keep_layout = keep_layout  # False for a layer run once a call: a reorder would cost more than it saves
         self.reordered_weight: torch.Tensor | None = None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -80,7 +80,7 @@ class OneDNNLinear(nn.Linear):
             return F.linear(input, self.weight, self.bias)
         weight = self.weight if self.reordered_weight is None else self.reordered_weight
         rows = input.numel() // self.in_features
-        if self.reordered_weight is None and rows > 1 and _ONEDNN_REORDER is not None:
+        if self.keep_layout and self.reordered_weight is None and rows > 1 and _ONEDNN_REORDER is not None:
             self.reordered_weight = weight = _ONEDNN_REORDER(self.weight, rows)
         return _ONEDNN_LINEAR(input, weight, self.bias, "none", [], "")
 
@@ -96,18 +96,19 @@ def applies(model: nn.Module) -> bool:
     )
 
 
-def decoding_step_linears(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(parent, attribute) of each linear layer a decoding step runs that is a plain `nn.Linear` without hooks, of at
-    least `MIN_WEIGHT_ENTRIES` weights: the decoder's, but for the cross-attention key and value projections (run
-    once per source), and the output projection. Wrapped layers (LoRA adapters, quantized layers) and hooked ones
-    keep running as they are."""
-    places = [(model, name) for name, child in model.named_children() if child is model.get_output_embeddings()]
-    for parent_name, parent in model.get_decoder().named_modules():
-        if type(parent).__module__ != type(model).__module__:
-            continue  # inside a module put in the model's place (an adapter): left as it is
-        once_per_source = ("k_proj", "v_proj") if parent_name.endswith("encoder_attn") else ()
-        places += [(parent, name) for name, _ in parent.named_children() if name not in once_per_source]
-    return [(parent, name) for parent, name in places if _plain(getattr(parent, name))]
+def inference_linears(model: nn.Module) -> list[tuple[nn.Module, str, bool]]:
+    """(parent, attribute, runs at every step) of each linear layer of the model that is a plain `nn.Linear` without
+    hooks, with at least `MIN_WEIGHT_ENTRIES` weights. A decoding step runs the decoder's (but for the
+    cross-attention key and value projections, run once per source) and the output projection; the encoder's run
+    once per call. Wrapped layers (LoRA adapters, quantized layers) and hooked ones keep running as they are."""
+    places = [(model, name, True) for name, child in model.named_children() if child is model.get_output_embeddings()]
+    for stack, per_step in ((model.get_encoder(), False), (model.get_decoder(), True)):
+        for parent_name, parent in stack.named_modules():
+            if type(parent).__module__ != type(model).__module__:
+                continue  # inside a module put in the model's place (an adapter): left as it is
+            once_per_source = ("k_proj", "v_proj") if parent_name.endswith("encoder_attn") else ()
+            places += [(parent, name, per_step and name not in once_per_source) for name, _ in parent.named_children()]
+    return [(parent, name, per_step) for parent, name, per_step in places if _plain(getattr(parent, name))]
 
 
 def _plain(module: nn.Module) -> bool:
@@ -117,14 +118,15 @@ def _plain(module: nn.Module) -> bool:
 
 @contextmanager
 def onednn_decoding(model: nn.Module) -> Iterator[None]:
-    """Within this scope the linears of `decoding_step_linears(model)` are `OneDNNLinear` stand-ins, made fresh on
-    entry; leaving it (also by an exception) puts the original modules back and drops the stand-ins and their
-    reordered weights. Does nothing where `applies(model)` is false."""
+    """Within this scope the linears of `inference_linears(model)` are `OneDNNLinear` stand-ins, made fresh on entry
+    (those of a decoding step keep their weights in oneDNN's layout); leaving it (also by an exception) puts the
+    original modules back and drops the stand-ins and their reordered weights. Does nothing where `applies(model)` is
+    false."""
     swapped: list[tuple[nn.Module, str, nn.Linear]] = []
     if applies(model):
-        for parent, name in decoding_step_linears(model):
+        for parent, name, per_step in inference_linears(model):
             linear = getattr(parent, name)
-            setattr(parent, name, OneDNNLinear(linear))
+            setattr(parent, name, OneDNNLinear(linear, keep_layout=per_step))
             swapped.append((parent, name, linear))
     try:
         yield
@@ -133,4 +135,4 @@ def onednn_decoding(model: nn.Module) -> Iterator[None]:
             setattr(parent, name, linear)
 
 
-__all__ = ["OneDNNLinear", "applies", "decoding_step_linears", "onednn_decoding"]
+__all__ = ["OneDNNLinear", "applies", "inference_linears", "onednn_decoding"]

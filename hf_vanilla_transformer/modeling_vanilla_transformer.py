@@ -1,15 +1,13 @@
 """The Transformer of "Attention Is All You Need" (Vaswani et al., 2017) as a transformers model.
 
-Read it beside the paper, top to bottom: §3 the encoder-decoder, §3.1 stacks and layers, §3.2 attention, §3.3
-feed-forward networks, §3.4 the shared embeddings and output projection (with the model classes transformers
-loads), §3.5 positional encoding, §6.1 decoding; input checks and loading reports come last.
+Read it beside the paper, top to bottom: §3, §3.1 stacks and layers, §3.2 attention, §3.3 feed-forward networks,
+§3.4 shared embeddings and output projection (with the model classes), §3.5 positions, §6.1 decoding; input checks
+last. Axes in shape comments: B batch, S source length, T target length (new tokens only when decoding with a
+cache), P past target length in the cache, D d_model, H heads, Dh = D / H (d_k = d_v), V vocabulary.
 
-Axes in shape comments: B batch, S source length, T target length (new tokens only when decoding with a cache),
-P past target length in the cache, D d_model, H heads, Dh = D / H (d_k = d_v), V vocabulary.
-
-Beside it, imported relatively (so `save_pretrained` copies them too): `losses.py`, the §5.4 loss plain and fused
-with the output projection; `generation_vanilla_transformer.py`, how `generate()` applies §6.1 inside transformers'
-beam search; `cpu_inference.py`, the CPU speed `generate()` applies for its call.
+Imported beside it (`save_pretrained` copies them too): `losses.py` (the §5.4 loss, plain and fused with the
+output projection), `generation_vanilla_transformer.py` (how `generate()` applies §6.1 inside transformers' beam
+search) and `cpu_inference.py` (the CPU speed `generate()` applies for its call).
 """
 
 from __future__ import annotations
@@ -139,11 +137,8 @@ class VanillaTransformerEncoder(VanillaTransformerStack):
 
 
 class VanillaTransformerDecoder(VanillaTransformerStack):
-    """A stack of N decoder layers over the embedded, right-shifted target (Figure 1, right).
-
-    With `use_cache`, keys and values of earlier steps live in an `EncoderDecoderCache`, so each generation step
-    feeds only the new tokens; their positions continue from the cache length.
-    """
+    """A stack of N decoder layers over the embedded, right-shifted target (Figure 1, right). With `use_cache`, keys
+    and values of earlier steps live in an `EncoderDecoderCache`; each step feeds only the new tokens."""
 
     def __init__(self, config: VanillaTransformerConfig) -> None:
         super().__init__(config, [VanillaTransformerDecoderLayer(config, i) for i in range(config.decoder_layers)])
@@ -306,12 +301,9 @@ class VanillaTransformerSublayer(nn.Module):
 
 
 class VanillaTransformerMaskedBatchNorm(nn.Module):
-    """BatchNorm over the feature dimension whose batch statistics use only real (non-padding) positions.
-
-    The `norm_type="batchnorm"` alternative to LayerNorm, for the comparison the paper's choice invites: plain
-    BatchNorm would mix padding into its statistics, which is unfair to it. Running statistics (momentum 0.1, as
-    torch's BatchNorm) serve evaluation and incremental decoding.
-    """
+    """`norm_type="batchnorm"`, the comparison the paper's LayerNorm invites: BatchNorm over the features whose
+    batch statistics use real (non-padding) positions only, as padding would be unfair to it. Running statistics
+    (momentum 0.1, as torch's BatchNorm) serve evaluation and incremental decoding."""
 
     def __init__(self, dim: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
         super().__init__()
@@ -437,10 +429,11 @@ class VanillaTransformerAttention(nn.Module):
         self.is_cross = is_cross
         self.layer_idx = layer_idx
         self.dropout = config.attention_dropout
-        self.q_proj = nn.Linear(config.d_model, config.d_model)
-        self.k_proj = nn.Linear(config.d_model, config.d_model)
-        self.v_proj = nn.Linear(config.d_model, config.d_model)
-        self.out_proj = nn.Linear(config.d_model, config.d_model)
+        # §3.2.2: W^Q, W^K, W^V and W^O are matrices; `attention_bias` adds the biases other implementations have.
+        self.q_proj = nn.Linear(config.d_model, config.d_model, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.d_model, config.d_model, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.d_model, config.d_model, bias=config.attention_bias)
+        self.out_proj = nn.Linear(config.d_model, config.d_model, bias=config.attention_bias)
         if config.attention_type == "additive":  # per-head W_q, W_k and w of `additive_attention`
             self.additive_query = nn.Parameter(torch.empty(num_heads, self.head_dim, self.head_dim))
             self.additive_key = nn.Parameter(torch.empty(num_heads, self.head_dim, self.head_dim))
@@ -608,11 +601,8 @@ class VanillaTransformerPreTrainedModel(PreTrainedModel):
 
 
 class VanillaTransformerModel(VanillaTransformerPreTrainedModel):
-    """The bare encoder-decoder: returns the decoder's last hidden states (no output projection).
-
-    With `tie_word_embeddings` (the paper's choice, §3.4: one shared source/target vocabulary) the decoder's
-    embedding is the encoder's matrix; the checkpoint stores it once. Without it the two are separate.
-    """
+    """The bare encoder-decoder: returns the decoder's last hidden states (no output projection). With
+    `tie_word_embeddings` (§3.4: one shared vocabulary) the decoder's embedding is the encoder's matrix."""
 
     _tied_weights_keys = {"decoder.embed_tokens.weight": "encoder.embed_tokens.weight"}
 
@@ -971,14 +961,3 @@ def _describe(info: dict[str, Any]) -> str:
             shown = ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
             parts.append(f"{kind.replace('_', ' ')}: {shown}")
     return "; ".join(parts)
-
-
-__all__ = [
-    "VanillaTransformerForConditionalGeneration",
-    "VanillaTransformerModel",
-    "VanillaTransformerPreTrainedModel",
-    "paper_generation_config",
-    "scaled_dot_product_attention",
-    "shift_tokens_right",
-    "sinusoidal_table",
-]

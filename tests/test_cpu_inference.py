@@ -13,7 +13,7 @@ from conftest import random_batch, tiny_model
 from transformers.generation import LogitsProcessor, LogitsProcessorList
 
 from hf_vanilla_transformer import cpu_inference
-from hf_vanilla_transformer.cpu_inference import OneDNNLinear, decoding_step_linears
+from hf_vanilla_transformer.cpu_inference import OneDNNLinear, inference_linears
 
 needs_onednn = pytest.mark.skipif(cpu_inference._ONEDNN_LINEAR is None, reason="this torch build has no oneDNN")
 
@@ -52,12 +52,13 @@ def _assert_same_search(fast, plain) -> None:
 
 
 @needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("rows", [1, 5, 70])  # a decoding step, a few rows, many rows
 @pytest.mark.parametrize("shape", [(12, 37), (600, 1024)])
-def test_a_stand_in_computes_what_its_linear_computes(rows, shape, monkeypatch):
+def test_a_stand_in_computes_what_its_linear_computes(rows, shape, bias, monkeypatch):
     calls = _record(monkeypatch, "_ONEDNN_LINEAR")
     torch.manual_seed(0)
-    linear = torch.nn.Linear(shape[1], shape[0])
+    linear = torch.nn.Linear(shape[1], shape[0], bias=bias)
     stand_in = OneDNNLinear(linear)
     assert stand_in.weight is linear.weight and stand_in.bias is linear.bias  # shared, not copied
     assert stand_in.state_dict().keys() == linear.state_dict().keys()
@@ -86,9 +87,12 @@ def test_the_weight_is_reordered_once_at_the_first_call_of_several_rows(monkeypa
 
 
 @needs_onednn
+@pytest.mark.parametrize("attention_bias", [False, True])
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_generate_runs_every_step_linear_on_onednn_and_finds_what_nn_linear_finds(num_beams, monkeypatch):
-    model = tiny_model(seed=3)
+def test_generate_runs_every_step_linear_on_onednn_and_finds_what_nn_linear_finds(
+    num_beams, attention_bias, monkeypatch
+):
+    model = tiny_model(seed=3, attention_bias=attention_bias)
     modules = dict(model.named_modules())
     input_ids = random_batch(seed=7, batch=3)[0]
     kwargs = _generate_kwargs(num_beams)
@@ -100,11 +104,13 @@ def test_generate_runs_every_step_linear_on_onednn_and_finds_what_nn_linear_find
     per_layer = [(d, d)] * 6 + [(ff, d), (d, ff)]  # self-attention q, k, v, o; cross-attention q, o; fc1, fc2
     step_linears = per_layer * config.decoder_layers + [(config.vocab_size, d)]
     assert sorted(tuple(weight.shape) for weight, _ in reorders) == sorted(step_linears)  # each once, 3+ rows
-    assert len(calls) == 6 * len(step_linears)  # every step, every step linear
+    once = len(inference_linears(model)) - len(step_linears)  # encoder, and cross-attention K, V of its output
+    assert once == 6 * config.encoder_layers + 2 * config.decoder_layers
+    assert len(calls) == 6 * len(step_linears) + once  # every step, every step linear; the others once
     assert dict(model.named_modules()) == modules  # the very same modules are back
     with torch.backends.mkldnn.flags(enabled=False):  # the documented way to turn it off
         plain = model.generate(input_ids, **kwargs)
-    assert len(calls) == 6 * len(step_linears)
+    assert len(calls) == 6 * len(step_linears) + once
     _assert_same_search(fast, plain)
 
 
@@ -172,7 +178,7 @@ def test_hooked_and_wrapped_linears_keep_running_as_they_are():
             return self.base(x) * 2.0
 
     attention.v_proj = Adapter(attention.v_proj)
-    places = [getattr(parent, name) for parent, name in decoding_step_linears(model)]
+    places = [getattr(parent, name) for parent, name, _ in inference_linears(model)]
     assert hooked not in places and attention.v_proj not in places and attention.v_proj.base not in places
     input_ids, attention_mask, _ = random_batch()
     model.generate(input_ids, attention_mask=attention_mask, num_beams=1, max_new_tokens=4, min_new_tokens=4)
@@ -224,8 +230,8 @@ def test_threads_generating_with_one_model_each_get_what_they_get_alone():
 
 
 def test_only_linears_large_enough_to_repay_onednn_are_swapped(monkeypatch):
-    monkeypatch.setattr(cpu_inference, "MIN_WEIGHT_ENTRIES", 2**17)
+    monkeypatch.setattr(cpu_inference, "MIN_WEIGHT_ENTRIES", 2**16)
     small = tiny_model()
-    assert decoding_step_linears(small) == []  # d_model 12: nothing repays the call
-    large_vocab = tiny_model(vocab_size=12_000)  # an output projection of 144,000 entries
-    assert decoding_step_linears(large_vocab) == [(large_vocab, "lm_head")]
+    assert inference_linears(small) == []  # d_model 12: nothing repays the call
+    large_vocab = tiny_model(vocab_size=6_000)  # an output projection of 72,000 entries
+    assert inference_linears(large_vocab) == [(large_vocab, "lm_head", True)]

@@ -37,8 +37,7 @@ def test_dot_product_drops_only_the_scale():
     with torch.no_grad():
         for module in plain.modules():
             if hasattr(module, "q_proj"):
-                module.q_proj.weight.mul_(4**-0.5)
-                module.q_proj.bias.mul_(4**-0.5)
+                module.q_proj.weight.mul_(4**-0.5)  # bias-free (§3.2.2): the weight is the whole projection
     input_ids, attention_mask, labels = random_batch()
     with torch.no_grad():
         a = scaled(input_ids=input_ids, attention_mask=attention_mask, labels=labels).logits

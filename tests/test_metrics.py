@@ -9,7 +9,14 @@ import pytest
 import sacrebleu
 from transformers import EvalPrediction
 
-from hf_vanilla_transformer.metrics import build_compute_metrics, load_bleu
+from hf_vanilla_transformer.metrics import (
+    BLEU_SIGNATURE,
+    PAPER_BLEU_SIGNATURE,
+    build_compute_metrics,
+    load_bleu,
+    paper_bleu,
+    split_compounds,
+)
 from hf_vanilla_transformer.tokenization import train_tokenizer
 
 HYPOTHESES = ["the cat sat on the mat", "a dog barks loudly at night", "hello there world"]
@@ -78,3 +85,46 @@ def test_loads_offline_from_any_working_directory(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("ok")
+
+
+# ----------------------------------------------------------------------------------------------- the paper's BLEU
+
+
+@pytest.mark.parametrize(
+    ("text", "split"),
+    [
+        ("rich-text format", "rich ##AT##-##AT## text format"),  # the example the procedure documents
+        ("die Nord-Süd-Achse", "die Nord ##AT##-##AT## Süd ##AT##-##AT## Achse"),
+        ("a-b-c", "a ##AT##-##AT## b-c"),  # Perl's s///g does not rescan a replaced match: neither does this
+        ("Preis - Leistung", "Preis - Leistung"),  # a dash between spaces is no compound
+        ("-5 und x-", "-5 und x-"),
+    ],
+)
+def test_compounds_are_split_as_the_papers_scoring_script_splits_them(text, split):
+    assert split_compounds(text) == split
+
+
+def test_paper_bleu_scores_the_split_tokens_without_smoothing():
+    """Worked by hand. Split, both sides are 8 tokens (die, Nord, ##AT##-##AT##, Süd, ##AT##-##AT##, Achse, ist,
+    lang|kurz), all equal but the last: n-gram precisions 7/8, 6/7, 5/6, 4/5, no brevity penalty, so BLEU =
+    (7/8 * 6/7 * 5/6 * 4/5)^(1/4) = 0.5^(1/4). Unsplit, there would be no matching 4-gram at all: BLEU 0."""
+    hypothesis, reference = ["die Nord-Süd-Achse ist lang"], ["die Nord-Süd-Achse ist kurz"]
+    assert paper_bleu(hypothesis, reference) == pytest.approx(100 * 0.5**0.25, abs=1e-9)
+    unsplit = sacrebleu.BLEU(tokenize="none", smooth_method="none").corpus_score(hypothesis, [reference])
+    assert unsplit.score == 0.0
+    assert paper_bleu(["Tom & Jerry sagen „ hallo “ ."], ["Tom & Jerry sagen „ hallo “ ."]) == pytest.approx(100.0)
+
+
+def test_compute_metrics_adds_the_paper_score_for_german_targets_only(tokenizer):
+    ids = padded([tokenizer(r)["input_ids"] for r in REFERENCES], -100)
+    prediction = EvalPrediction(predictions=ids, label_ids=ids)
+    assert "bleu_paper" not in build_compute_metrics(tokenizer)(prediction)
+    result = build_compute_metrics(tokenizer, paper_style=True)(prediction)
+    assert result["bleu_paper"] == pytest.approx(100.0) and result["bleu"] == pytest.approx(100.0)
+
+
+def test_the_signatures_name_the_settings():
+    assert "tok:13a" in BLEU_SIGNATURE and "nrefs:1" in BLEU_SIGNATURE and "smooth:exp" in BLEU_SIGNATURE
+    assert f"version:{sacrebleu.__version__}" in BLEU_SIGNATURE
+    assert PAPER_BLEU_SIGNATURE.startswith("moses-tok:de|compound-split:##AT##|")
+    assert "tok:none" in PAPER_BLEU_SIGNATURE and "smooth:none" in PAPER_BLEU_SIGNATURE

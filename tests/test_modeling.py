@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import math
 
 import pytest
@@ -88,10 +89,14 @@ def _torch_transformer_with_our_weights(model: VanillaTransformerForConditionalG
     ref.encoder.norm = None
     ref.decoder.norm = None
 
+    def bias(linear: torch.nn.Linear) -> torch.Tensor:  # nn.Transformer always has biases: zeros for the paper's none
+        return linear.bias if linear.bias is not None else torch.zeros(linear.out_features)
+
     def copy_attention(theirs: torch.nn.MultiheadAttention, ours) -> None:
         theirs.in_proj_weight.copy_(torch.cat([ours.q_proj.weight, ours.k_proj.weight, ours.v_proj.weight]))
-        theirs.in_proj_bias.copy_(torch.cat([ours.q_proj.bias, ours.k_proj.bias, ours.v_proj.bias]))
-        theirs.out_proj.load_state_dict(ours.out_proj.state_dict())
+        theirs.in_proj_bias.copy_(torch.cat([bias(ours.q_proj), bias(ours.k_proj), bias(ours.v_proj)]))
+        theirs.out_proj.weight.copy_(ours.out_proj.weight)
+        theirs.out_proj.bias.copy_(bias(ours.out_proj))
 
     def copy_ffn(theirs, ours) -> None:
         theirs.linear1.load_state_dict(ours.ffn.fc1.state_dict())
@@ -113,9 +118,14 @@ def _torch_transformer_with_our_weights(model: VanillaTransformerForConditionalG
     return ref
 
 
+@pytest.mark.parametrize("attention_bias", [False, True])  # the paper's bias-free W^Q..W^O, and nn.Transformer's
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
-def test_matches_torch_nn_transformer_with_copied_weights(attn_implementation):
-    model = tiny_model(seed=3)
+def test_matches_torch_nn_transformer_with_copied_weights(attn_implementation, attention_bias):
+    model = tiny_model(seed=3, attention_bias=attention_bias)
+    if attention_bias:  # random biases, so that a bias copied to the wrong place shows
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                torch.nn.init.normal_(module.bias, std=0.1)
     model.set_attn_implementation(attn_implementation)
     ref = _torch_transformer_with_our_weights(model)
     input_ids, attention_mask, labels = random_batch(seed=1)
@@ -509,3 +519,46 @@ def test_a_cached_decoding_step_compiles_without_graph_breaks():
     source = inspect.getsource(losses).splitlines()
     assert frames and all(frame.filename == losses.__file__ for frame in frames), frames
     assert all(".nonzero()" in source[frame.lineno - 1] for frame in frames)
+
+
+# ----------------------------------------------------------------------------------------------- §3.2.2 no biases
+
+
+def test_attention_projections_are_matrices_by_default_as_in_section_3_2_2():
+    """head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V), MultiHead = Concat(heads) W^O: no bias terms; the FFN keeps
+    b_1 and b_2 (§3.3). `attention_bias=True` adds them (nn.Transformer's, fairseq's and Marian's layout)."""
+    model = tiny_model()
+    names = dict(model.named_parameters())
+    projections = ("q_proj", "k_proj", "v_proj", "out_proj")
+    for layer in (*model.model.encoder.layers, *model.model.decoder.layers):
+        for attention in [layer.self_attn, getattr(layer, "encoder_attn", None)]:
+            for name in projections if attention is not None else ():
+                assert getattr(attention, name).bias is None
+        assert layer.ffn.fc1.bias is not None and layer.ffn.fc2.bias is not None
+    assert not any(name.endswith(f"{p}.bias") for name in names for p in projections)
+    with_bias = tiny_model(attention_bias=True)
+    per_layer = 4 * D_MODEL  # four projections of D biases each
+    attentions = with_bias.config.encoder_layers + 2 * with_bias.config.decoder_layers
+    assert with_bias.num_parameters() - model.num_parameters() == per_layer * attentions
+
+
+def test_a_checkpoint_saved_before_attention_bias_existed_loads_with_its_biases(tmp_path):
+    """Saved configs without the key come from code that always had biases: they load as attention_bias=True, with
+    every weight, and compute what they computed."""
+    old = tiny_model(seed=5, attention_bias=True)
+    old.save_pretrained(tmp_path)
+    config_path = tmp_path / "config.json"
+    saved = json.loads(config_path.read_text())
+    assert saved["attention_bias"] is True
+    del saved["attention_bias"]  # what the code before the field wrote
+    config_path.write_text(json.dumps(saved))
+    loaded = VanillaTransformerForConditionalGeneration.from_pretrained(tmp_path)
+    assert loaded.config.attention_bias is True
+    input_ids, attention_mask, labels = random_batch()
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, old(**batch).logits, rtol=0, atol=0)
+    new = tiny_model(seed=5)  # and a new bias-free checkpoint round-trips as bias-free
+    new.save_pretrained(tmp_path / "new")
+    assert json.loads((tmp_path / "new" / "config.json").read_text())["attention_bias"] is False
+    assert VanillaTransformerForConditionalGeneration.from_pretrained(tmp_path / "new").config.attention_bias is False

@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, get_scheduler
 
 import train
+from hf_vanilla_transformer.corpus import SOURCE_LANG, TARGET_LANG, build_default_corpus
+from hf_vanilla_transformer.metrics import BLEU_SIGNATURE, PAPER_BLEU_SIGNATURE
 
 ROOT = Path(__file__).resolve().parent.parent
 # A run small enough for CI: tiny model, 2000 pairs, a 600-token vocabulary, token batches of 1024.
@@ -243,3 +245,27 @@ def test_keep_freed_memory_keeps_a_freed_64_mb_buffer_resident():
         out = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True, cwd=ROOT)
         freed[mode] = float(out.stdout.split()[-1])
     assert freed["default"] > 60 and freed["keep"] < 4, freed
+
+
+@pytest.mark.slow
+def test_an_english_german_run_reports_bleu_as_the_paper_counted_it_with_signatures(tmp_path):
+    """German targets: all_results.json and the card carry the paper-style score and both sacreBLEU signatures."""
+    corpus = build_default_corpus(seed=0, num_train=600, num_validation=8, num_test=8)
+    files = []
+    for split in ("train", "validation", "test"):
+        pairs = corpus[split]["translation"]
+        rows = [{"translation": {"en": pair[SOURCE_LANG], "de": pair[TARGET_LANG]}} for pair in pairs]
+        path = tmp_path / f"{split}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        files += [f"--{split}_file", str(path)]
+    out = tmp_path / "en-de"
+    args = [*TINY_RUN, *files, "--source_lang", "en", "--target_lang", "de", "--max_steps", "10"]
+    run_train([*args, "--checkpoint_average", "0", "--output_dir", str(out)])
+    results = json.loads((out / "all_results.json").read_text())
+    for prefix in ("eval", "predict"):
+        assert 0.0 <= results[f"{prefix}_bleu_paper"] <= 100.0
+        assert results[f"{prefix}_bleu_signature"] == BLEU_SIGNATURE
+        assert results[f"{prefix}_bleu_paper_signature"] == PAPER_BLEU_SIGNATURE
+    card = (out / "README.md").read_text()
+    assert BLEU_SIGNATURE in card and PAPER_BLEU_SIGNATURE in card
+    assert f"| test | {results['predict_bleu_paper']:.2f} |" in card
