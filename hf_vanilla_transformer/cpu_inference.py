@@ -47,9 +47,10 @@ _ONEDNN_REORDER = (
 
 
 # Below this many weight entries a linear stays on MKL: a oneDNN call has a larger fixed cost than MKL's
-# (`benchmarks/decoding_bounds.py` measures both), which only larger weights repay. Chosen on whole generate() calls
-# (`benchmarks/results/2026-12-01_onednn_size_rule.json`): models of d_model 64 and 128 decode fastest with nothing
-# swapped, and the small preset as fast with its 256 x 256 attention matrices left on MKL as with everything swapped.
+# (`benchmarks/decoding_bounds.py` measures both), which only larger weights repay. On whole generate() calls
+# (`benchmarks/results/2026-12-01_onednn_size_rule_all_linears.json`) models of d_model 64 decode fastest with nothing
+# swapped, which this rule gives them; the small preset (d_model 256, its smallest matrix 2**16 entries) runs all on
+# oneDNN, which was 1.0-1.5x faster than none; d_model 128 sits between (0.84-1.01 of the time with all swapped).
 MIN_WEIGHT_ENTRIES = 2**16
 
 

@@ -1,4 +1,4 @@
-"""Which linears should run on oneDNN in generate(): all step linears, none, or only those with at least 2**16 or
+"""Which linears should run on oneDNN in generate(): all, none, or only those with at least 2**16 or
 2**17 weight entries (`cpu_inference.MIN_WEIGHT_ENTRIES`), alternating in one process, 7 rounds, median ratio of
 time(variant) / time(all swapped). Run at the commit that added MIN_WEIGHT_ENTRIES:
 
