@@ -32,6 +32,7 @@ from typing import Any
 import datasets
 import torch
 import transformers
+from huggingface_hub import HfApi
 from safetensors.torch import load_file
 from transformers import (
     AutoModelForSeq2SeqLM,
@@ -143,6 +144,9 @@ class ModelArguments:
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "eager or sdpa."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from a Hub checkpoint."})
+    code_url: str | None = field(
+        default=None, metadata={"help": "The code's address to link from the model card (default: no link)."}
+    )
     checkpoint_average: int = field(
         default=0, metadata={"help": "Average the last K checkpoints into the final model (§6.1: 5 base, 20 big)."}
     )
@@ -464,19 +468,36 @@ def average_checkpoints(output_dir: str, last_k: int) -> dict[str, torch.Tensor]
     return {name: (tensor / len(folders)).float() for name, tensor in total.items()}
 
 
-def save_final_model(trainer: Seq2SeqTrainer, card: str, pictures: list[Path]) -> None:
+def save_final_model(trainer: Seq2SeqTrainer, card: str, pictures: list[Path]) -> list[str]:
     """Write the Hub-ready folder (weights, config with auto_map, code, tokenizer, generation config, card, plots)
-    into a temporary folder first, then move each file into output_dir: never a half-written final model."""
+    into a temporary folder first, then move each file into output_dir: never a half-written final model. Returns
+    the names of the files that make the published model (Trainer's `training_args.bin` is not one of them)."""
     out = Path(trainer.args.output_dir)
     staging = out / ".final-model-staging"
     shutil.rmtree(staging, ignore_errors=True)
+    trainer.model.config.use_cache = True  # Trainer turned it off for training; a published model decodes
     trainer.save_model(str(staging))
     (staging / "README.md").write_text(card, encoding="utf-8")
     for picture in pictures:
         shutil.copy(picture, staging / picture.name)
-    for item in staging.iterdir():
-        os.replace(item, out / item.name)
+    names = sorted(item.name for item in staging.iterdir())
+    for name in names:
+        os.replace(staging / name, out / name)
     staging.rmdir()
+    return [name for name in names if name != "training_args.bin"]
+
+
+def push_final_model(trainer: Seq2SeqTrainer, names: list[str]) -> None:
+    """Upload the final model's files only: not the checkpoints (optimizer states), logs or run metrics that share
+    the output folder. Trainer's own `push_to_hub` uploads the whole folder but `checkpoint-*`."""
+    trainer._finish_current_push()  # let the Trainer's checkpoint pushes land first
+    HfApi(token=trainer.args.hub_token).upload_folder(
+        repo_id=trainer.hub_model_id,
+        folder_path=trainer.args.output_dir,
+        allow_patterns=names,
+        commit_message="Trained with hf-vanilla-transformer train.py",
+        revision=trainer.args.hub_revision,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -588,11 +609,9 @@ def finish(trainer, tokenizer, model_args, data_args, training_args, metrics, ra
     values["learning_curve"] = "learning_curve.png" if curve else None
     values["attention_map"] = "cross_attention.png"
     card = render_model_card(values)
-    save_final_model(trainer, card, pictures)
+    names = save_final_model(trainer, card, pictures)
     if training_args.push_to_hub:
-        # Trainer.push_to_hub would first overwrite README.md with transformers' generic card; ours is the real one.
-        trainer.create_model_card = lambda *args, **kwargs: None
-        trainer.push_to_hub(commit_message="Trained with hf-vanilla-transformer train.py")
+        push_final_model(trainer, names)
     bleu = metrics.get("predict_bleu", metrics.get("eval_bleu"))
     print(f"\nModel saved in {out.resolve()}")
     if bleu is not None:

@@ -1,8 +1,5 @@
-"""CTranslate2 as an optional fourth implementation: our weights converted to a CTranslate2 model directory.
-
-CTranslate2 (https://github.com/OpenNMT/CTranslate2) is a C++ inference engine for Transformer models. Its
-`TransformerSpec` describes the paper's architecture directly, so the conversion builds that spec from our config
-and copies OUR weights into it; no other framework's checkpoint is involved.
+"""CTranslate2 as an optional fourth implementation in the benchmarks: random-weight models with no tokenizer,
+converted by the package's `export_ctranslate2.build_spec` with a synthetic vocabulary.
 
     from benchmarks import ctranslate2_backend as ct2
     if ct2.available():
@@ -10,16 +7,10 @@ and copies OUR weights into it; no other framework's checkpoint is involved.
         translator = ct2.load_translator(model_dir)
         ids = ct2.translate(translator, input_ids, attention_mask, num_beams=4, new_tokens=32)  # (B, 1 + 32)
 
-Three things differ from the obvious conversion and are handled here:
-
-- Positions: CTranslate2's built-in sinusoid puts all sines before all cosines; ours interleaves them (§3.5:
-  sin at even dimensions, cos at odd ones). `PositionEncoderSpec.encodings` takes an explicit (positions, D)
-  table, so we hand it `sinusoidal_table`, the one our model adds.
-- Vocabulary: CTranslate2 speaks token strings, not ids. The model directory gets a synthetic vocabulary in which
-  the string of id i is a fixed function of i (special names for the special ids, "t{i}" otherwise), so ids go
-  through unchanged in both directions.
-- Special tokens: the decoder starts from "<s>" (our decoder start id 1) and stops on "</s>" (id 2). Our source
-  rows already end with EOS, so the model is saved with `add_source_eos=False` and CTranslate2 appends nothing.
+A trained model with its tokenizer is exported with `python -m hf_vanilla_transformer.export_ctranslate2`, whose
+vocabulary is the tokenizer's. Here, with only ids, the string of id i is a fixed function of i (special names for
+the special ids, "t{i}" otherwise), so ids go through unchanged in both directions. The decoder starts from "<s>"
+(our decoder start id 1) and stops on "</s>" (id 2); source rows already end with EOS, so CTranslate2 appends none.
 
 Axes: B batch, S source length, T target length, D d_model, V vocabulary.
 """
@@ -29,12 +20,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
-from torch import nn
 
-from hf_vanilla_transformer import VanillaTransformerConfig, VanillaTransformerForConditionalGeneration
-from hf_vanilla_transformer.modeling_vanilla_transformer import sinusoidal_table
+from hf_vanilla_transformer import VanillaTransformerForConditionalGeneration, export_ctranslate2
 from hf_vanilla_transformer.tokenization import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 if TYPE_CHECKING:  # ctranslate2 is optional: only imported when a function needs it
@@ -44,16 +32,6 @@ if TYPE_CHECKING:  # ctranslate2 is optional: only imported when a function need
 # for padding). The decoder start token is BOS_ID = our `decoder_start_token_id`.
 SPECIAL_TOKENS = {PAD_ID: "<blank>", BOS_ID: "<s>", EOS_ID: "</s>", UNK_ID: "<unk>"}
 _SPECIAL_IDS = {token: index for index, token in SPECIAL_TOKENS.items()}
-# Our `activation_function` -> the name of CTranslate2's `common_spec.Activation` member. transformers' "gelu" is
-# the exact (erf) GELU and "gelu_new" the tanh approximation; CTranslate2's SWISH is x * sigmoid(x), i.e. SiLU.
-_ACTIVATIONS = {
-    "relu": "RELU",
-    "gelu": "GELU",
-    "gelu_new": "GELUTanh",
-    "silu": "SWISH",
-    "swish": "SWISH",
-    "tanh": "Tanh",
-}
 
 
 def available() -> bool:
@@ -87,164 +65,23 @@ def vocabulary(vocab_size: int) -> list[str]:
 # ---------------------------------------------------------------------------------------------------- conversion
 
 
-def _check_supported(config: VanillaTransformerConfig) -> None:
-    """Refuse the design-choice variants CTranslate2's Transformer cannot compute, naming the field."""
-    problems = []
-    if config.norm_type != "layernorm":
-        problems.append(f"norm_type={config.norm_type!r} (CTranslate2 has LayerNorm only)")
-    if config.attention_type not in ("scaled_dot_product", "dot_product"):
-        problems.append(f"attention_type={config.attention_type!r} (CTranslate2 has dot-product attention only)")
-    if config.activation_function not in _ACTIVATIONS:
-        problems.append(f"activation_function={config.activation_function!r}")
-    # The synthetic vocabulary names the special tokens by the tokenizer's fixed ids (tokenization.py).
-    expected = {"pad_token_id": PAD_ID, "decoder_start_token_id": BOS_ID, "eos_token_id": EOS_ID}
-    for name, value in expected.items():
-        if getattr(config, name) != value:
-            problems.append(f"{name}={getattr(config, name)!r} (expected {value})")
-    if config.vocab_size <= UNK_ID:
-        problems.append(f"vocab_size={config.vocab_size} (the special ids need at least {UNK_ID + 1})")
-    if problems:
-        raise NotImplementedError("Cannot convert to CTranslate2: " + "; ".join(problems))
-
-
-def _array(tensor: torch.Tensor) -> np.ndarray:
-    """A float32, contiguous CPU copy: CTranslate2 serialises numpy arrays byte for byte."""
-    return tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().copy()
-
-
-def _set_linear(spec: Any, linears: list[nn.Linear]) -> None:
-    """One CTranslate2 LinearSpec from one or more of our Linears, stacked along the output axis (fused Q/K/V).
-
-    Both store the weight as (out_features, in_features), so no transpose is needed.
-    """
-    spec.weight = np.concatenate([_array(linear.weight) for linear in linears])
-    if any(linear.bias is not None for linear in linears):
-        spec.bias = np.concatenate(
-            [
-                _array(linear.bias) if linear.bias is not None else np.zeros(linear.out_features, np.float32)
-                for linear in linears
-            ]
-        )
-
-
-def _set_layer_norm(spec: Any, norm: nn.LayerNorm) -> None:
-    spec.gamma = _array(norm.weight)
-    spec.beta = _array(norm.bias)
-
-
-def _set_self_attention(spec: Any, attention: nn.Module, norm: nn.LayerNorm) -> None:
-    """Self-attention: CTranslate2 fuses Q, K, V into linear[0] (3D x D) and keeps the output projection apart."""
-    _set_linear(spec.linear[0], [attention.q_proj, attention.k_proj, attention.v_proj])
-    _set_linear(spec.linear[1], [attention.out_proj])
-    _set_layer_norm(spec.layer_norm, norm)
-
-
-def _set_cross_attention(spec: Any, attention: nn.Module, norm: nn.LayerNorm) -> None:
-    """Encoder-decoder attention: queries from the decoder (linear[0]), fused K, V of the encoder output
-    (linear[1], 2D x D), output projection (linear[2])."""
-    _set_linear(spec.linear[0], [attention.q_proj])
-    _set_linear(spec.linear[1], [attention.k_proj, attention.v_proj])
-    _set_linear(spec.linear[2], [attention.out_proj])
-    _set_layer_norm(spec.layer_norm, norm)
-
-
-def _set_ffn(spec: Any, layer: nn.Module) -> None:
-    _set_linear(spec.linear_0, [layer.ffn.fc1])
-    _set_linear(spec.linear_1, [layer.ffn.fc2])
-    _set_layer_norm(spec.layer_norm, layer.ffn_block.layer_norm)
-
-
-def _position_table(stack: nn.Module, config: VanillaTransformerConfig, max_positions: int | None) -> np.ndarray:
-    """(P, D) positional encodings, exactly the rows this stack adds: the interleaved sinusoid of §3.5 (not
-    CTranslate2's sines-then-cosines), or the stack's learned table. CTranslate2 cannot extend a table, so sinusoids
-    get `max_positions` rows (default `max_position_embeddings`), which bounds S and 1 + new tokens."""
-    if config.position_embedding_type == "learned":
-        return _array(stack.embed_positions.weight)
-    return _array(sinusoidal_table(max_positions or config.max_position_embeddings, config.d_model))
-
-
-def _set_stack_inputs(spec: Any, stack: nn.Module, config: VanillaTransformerConfig, max_positions: int | None) -> None:
-    """Token embedding (V, D), its scale, the (P, D) position table and, pre-LN only, the stack's final LayerNorm."""
-    embeddings = spec.embeddings[0] if isinstance(spec.embeddings, list) else spec.embeddings
-    embeddings.weight = _array(stack.embed_tokens.weight)
-    # A float, as the fairseq converter sets it: CTranslate2 multiplies the embedding by it before adding positions.
-    spec.scale_embeddings = float(stack.embed_scale)
-    spec.position_encodings.encodings = _position_table(stack, config, max_positions)
-    if config.normalize_before:
-        _set_layer_norm(spec.layer_norm, stack.layer_norm)
-
-
 def convert(
     model: VanillaTransformerForConditionalGeneration, output_dir: str | Path, max_positions: int | None = None
 ) -> Path:
-    """Write `model` as a CTranslate2 model directory (model.bin, config.json, shared_vocabulary.json); returns it.
-
-    Weight map (ours -> CTranslate2 `TransformerSpec`, per layer i; E = encoder, D = decoder):
-        model.{E,D}.embed_tokens.weight (V, D)        -> {encoder.embeddings_0, decoder.embeddings}.weight
-        lm_head.weight (V, D)                          -> decoder.projection.weight (no bias)
-        sinusoidal_table(P, D) / {E,D}.embed_positions -> {encoder,decoder}.position_encodings.encodings
-        embed_scale (sqrt(D) or 1)                     -> {encoder,decoder}.scale_embeddings
-        layers.i.self_attn.{q,k,v}_proj (D, D) each    -> layer_i.self_attention.linear_0 (3D, D), fused
-        layers.i.self_attn.out_proj                    -> layer_i.self_attention.linear_1
-        layers.i.self_attn_block.layer_norm            -> layer_i.self_attention.layer_norm
-        D.layers.i.encoder_attn.q_proj                 -> layer_i.attention.linear_0
-        D.layers.i.encoder_attn.{k,v}_proj             -> layer_i.attention.linear_1 (2D, D), fused
-        D.layers.i.encoder_attn.out_proj               -> layer_i.attention.linear_2
-        D.layers.i.encoder_attn_block.layer_norm       -> layer_i.attention.layer_norm
-        layers.i.ffn.fc1 / fc2                         -> layer_i.ffn.linear_0 / linear_1
-        layers.i.ffn_block.layer_norm                  -> layer_i.ffn.layer_norm
-        (pre-LN only) {E,D}.layer_norm                 -> {encoder,decoder}.layer_norm
-    With tied embeddings the three (V, D) matrices are one tensor; `spec.optimize` stores it once and aliases the
-    others, and likewise the sinusoid table both stacks get.
-    """
-    from ctranslate2.specs import common_spec, transformer_spec
-
+    """Write `model` as a CTranslate2 model directory (model.bin, config.json, shared_vocabulary.json) with the
+    synthetic vocabulary; returns it. The conversion itself is the package's (`export_ctranslate2.build_spec`)."""
     config = model.config
-    _check_supported(config)
-    activation = common_spec.Activation[_ACTIVATIONS[config.activation_function]]
-    # pre_norm=False is the paper's post-LN, LayerNorm(x + Sublayer(x)), with no final stack LayerNorm.
-    encoder_spec = transformer_spec.TransformerEncoderSpec(
-        config.encoder_layers, config.encoder_attention_heads, pre_norm=config.normalize_before, activation=activation
-    )
-    decoder_spec = transformer_spec.TransformerDecoderSpec(
-        config.decoder_layers, config.decoder_attention_heads, pre_norm=config.normalize_before, activation=activation
-    )
-    spec = transformer_spec.TransformerSpec(encoder_spec, decoder_spec)
-
-    encoder, decoder = model.model.encoder, model.model.decoder
-    _set_stack_inputs(spec.encoder, encoder, config, max_positions)
-    _set_stack_inputs(spec.decoder, decoder, config, max_positions)
-    for layer_spec, layer in zip(spec.encoder.layer, encoder.layers, strict=True):
-        _set_self_attention(layer_spec.self_attention, layer.self_attn, layer.self_attn_block.layer_norm)
-        _set_ffn(layer_spec.ffn, layer)
-    for layer_spec, layer in zip(spec.decoder.layer, decoder.layers, strict=True):
-        _set_self_attention(layer_spec.self_attention, layer.self_attn, layer.self_attn_block.layer_norm)
-        _set_cross_attention(layer_spec.attention, layer.encoder_attn, layer.encoder_attn_block.layer_norm)
-        _set_ffn(layer_spec.ffn, layer)
-    _set_linear(spec.decoder.projection, [model.lm_head])
-    if config.attention_type == "dot_product":  # no 1/sqrt(d_k); CTranslate2's default queries_scale is 1/sqrt(d_k)
-        for layer_spec in [*spec.encoder.layer, *spec.decoder.layer]:
-            for attention in (layer_spec.self_attention, getattr(layer_spec, "attention", None)):
-                if attention is not None:
-                    attention.queries_scale = np.float32(1.0)
-
-    tokens = vocabulary(config.vocab_size)
-    spec.register_source_vocabulary(tokens)
-    spec.register_target_vocabulary(tokens)
-    spec.config.unk_token = SPECIAL_TOKENS[UNK_ID]
-    spec.config.bos_token = SPECIAL_TOKENS[BOS_ID]
-    spec.config.eos_token = SPECIAL_TOKENS[EOS_ID]
-    spec.config.decoder_start_token = SPECIAL_TOKENS[BOS_ID]  # the decoder's first input, our id 1
-    spec.config.add_source_bos = False
-    spec.config.add_source_eos = False  # our rows end in EOS already: one more would change the encoder's input
-    spec.config.layer_norm_epsilon = float(config.layer_norm_eps)
-
-    spec.validate()
-    spec.optimize(quantization="float32")  # aliases the tied matrices; keeps fp32
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    spec.save(str(output_dir))
-    return output_dir
+    expected = {"pad_token_id": PAD_ID, "decoder_start_token_id": BOS_ID, "eos_token_id": EOS_ID}
+    problems = [f"{name}={getattr(config, name)!r} (expected {value})" for name, value in expected.items()
+                if getattr(config, name) != value]  # fmt: skip
+    if config.vocab_size <= UNK_ID:
+        problems.append(f"vocab_size={config.vocab_size} (the special ids need at least {UNK_ID + 1})")
+    if problems:  # the synthetic vocabulary names the special tokens by the tokenizer's fixed ids
+        raise ValueError("Cannot convert to CTranslate2: " + "; ".join(problems))
+    special = {"unk": SPECIAL_TOKENS[UNK_ID], "bos": SPECIAL_TOKENS[BOS_ID], "eos": SPECIAL_TOKENS[EOS_ID]}
+    special["decoder_start"] = SPECIAL_TOKENS[BOS_ID]
+    spec = export_ctranslate2.build_spec(model, vocabulary(config.vocab_size), special, max_positions)
+    return export_ctranslate2.save_spec(spec, output_dir, "float32")
 
 
 # ----------------------------------------------------------------------------------------------------- inference

@@ -41,6 +41,7 @@ from .configuration_vanilla_transformer import VanillaTransformerConfig
 from .modeling_vanilla_transformer import VanillaTransformerForConditionalGeneration, sinusoidal_table
 
 QUANTIZATIONS = ("float32", "int8", "int8_float32", "float16", "bfloat16")
+MODEL_CONFIG_NAME = "vanilla_transformer_config.json"  # the transformers config, beside CTranslate2's config.json
 # Our `activation_function` -> CTranslate2's `common_spec.Activation` member. transformers' "gelu" is the exact
 # (erf) GELU and "gelu_new" the tanh approximation; CTranslate2's SWISH is x * sigmoid(x), i.e. SiLU.
 _ACTIVATIONS = {
@@ -203,6 +204,10 @@ def export(model: Any, tokenizer: Any, output_dir: str | Path, quantization: str
     }
     output_dir = save_spec(build_spec(model, vocabulary, special_tokens), output_dir, quantization)
     tokenizer.save_pretrained(output_dir)
+    # What the translate CLI reads beside the CTranslate2 files: the decoding defaults (§6.1) and the model's config
+    # (under its own name: CTranslate2's config.json is there already).
+    model.generation_config.save_pretrained(output_dir)
+    model.config.to_json_file(output_dir / MODEL_CONFIG_NAME)
     (output_dir / "README.md").write_text(_README.format(quantization=quantization), encoding="utf-8")
     return output_dir
 
@@ -228,7 +233,14 @@ CTranslate2's length penalty is |Y|^α, not the GNMT form the model's `generate(
 """
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> int:
+    """The command line (and the `vanilla-export-ctranslate2` console script): 0 on success."""
+    run(argv)
+    return 0
+
+
+def run(argv: list[str] | None = None) -> Path:
+    """Export as the command line says; returns the output folder."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="a folder train.py wrote, or a Hub model id")
     parser.add_argument("output_dir", help="where to write the CTranslate2 model")
@@ -245,4 +257,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

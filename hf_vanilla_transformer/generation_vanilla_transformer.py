@@ -112,6 +112,8 @@ class VanillaTransformerGenerationMixin(GenerationMixin):
         )
         if offset is not None and not caller_set_length:
             limits = self._source_lengths(inputs, kwargs) + offset
+            if self.config.position_embedding_type == "learned":  # the decoder has no position past its table
+                limits = limits.clamp(max=self.config.max_position_embeddings)
             eos = config.eos_token_id if config.eos_token_id is not None else self.config.eos_token_id
             eos = eos[0] if isinstance(eos, list) else eos
             logits_processor = LogitsProcessorList(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from importlib.metadata import PackageNotFoundError, metadata
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,7 @@ def card_values(model, training_args, model_args, data_args, metrics, raw, train
     heads = config.encoder_attention_heads
     return {
         "model_name": Path(repo_id).name,
+        "code_reference": code_reference(getattr(model_args, "code_url", None)),
         "repo_id": repo_id,
         "source_lang": data_args.source_lang,
         "target_lang": data_args.target_lang,
@@ -140,6 +142,18 @@ def card_values(model, training_args, model_args, data_args, metrics, raw, train
         "test_bleu": _fmt(metrics.get("predict_bleu")),
         "test_samples": metrics.get("predict_samples"),
     }
+
+
+def code_reference(url: str | None = None) -> str:
+    """The package's name, linked to `url` if given, else to the project URL in the installed package's metadata
+    if it has one; unlinked otherwise (the card links only to an address someone stated)."""
+    if url is None:
+        try:
+            urls = metadata("hf-vanilla-transformer").get_all("Project-URL") or []
+        except PackageNotFoundError:
+            urls = []
+        url = urls[0].split(",", 1)[1].strip() if urls else None
+    return f"[hf-vanilla-transformer]({url})" if url else "hf-vanilla-transformer"
 
 
 def _describe_length_penalty(generation) -> str:

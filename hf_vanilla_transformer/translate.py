@@ -48,7 +48,8 @@ def read_lines(path: str | None, what: str = "input") -> list[str]:
             lines.append(raw.decode("utf-8").removesuffix("\r"))
         except UnicodeDecodeError as error:
             raise ValueError(
-                f"{what} {name}, line {number}: not valid UTF-8 (byte {raw[error.start]:#04x} at column {error.start})"
+                f"{what} {name}, line {number}: not valid UTF-8 "
+                f"(byte {raw[error.start]:#04x} at byte {error.start + 1})"
             ) from None
     return lines
 
@@ -148,10 +149,17 @@ def load_backend(args: argparse.Namespace, workdir: Path) -> tuple[Any, Any, Any
         from .export_ctranslate2 import export
 
         model_dir = export(model.float(), tokenizer, workdir / "ctranslate2")
-    else:  # an export_ctranslate2 folder: its tokenizer, and the model's config and generation config if given
-        config = AutoConfig.from_pretrained(args.model_config or args.model)
-        generation = GenerationConfig.from_pretrained(args.model_config) if args.model_config else GenerationConfig()
+    else:  # an export_ctranslate2 folder: the config and generation config it saved (or those of --model_config)
+        from .configuration_vanilla_transformer import VanillaTransformerConfig
+        from .export_ctranslate2 import MODEL_CONFIG_NAME
+
         model_dir = Path(args.model)
+        if args.model_config:
+            config = AutoConfig.from_pretrained(args.model_config)
+            generation = GenerationConfig.from_pretrained(args.model_config)
+        else:
+            config = VanillaTransformerConfig.from_json_file(model_dir / MODEL_CONFIG_NAME)
+            generation = GenerationConfig.from_pretrained(model_dir)
     compute_type = args.dtype if args.dtype in CT2_COMPUTE_TYPES else "float32"
     return CTranslate2Backend(model_dir, tokenizer, generation, compute_type, args.device), tokenizer, config
 
@@ -194,7 +202,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="weights and compute: float32, bfloat16, float16; CTranslate2 also int8, int8_float32",
     )
     parser.add_argument("--truncate", action="store_true", help="cut sentences longer than the model can encode")
-    parser.add_argument("--model_config", help="with an exported CTranslate2 folder: the original model folder")
+    parser.add_argument("--model_config", help="with an exported CTranslate2 folder: take the config from this model")
     args = parser.parse_args(argv)
     if args.backend == "torch" and args.dtype not in DTYPES:
         parser.error(f"--dtype {args.dtype} needs --backend ctranslate2")
@@ -203,7 +211,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> int:
+    """The command line (and the `vanilla-translate` console script): 0 on success."""
+    run(argv)
+    return 0
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Translate as the command line says; returns the counts, the time and, with `--reference`, the scores."""
     args = parse_args(argv)
     lines = read_lines(args.input)
     with tempfile.TemporaryDirectory() as workdir:
@@ -244,4 +259,4 @@ def _progress(total: int) -> Any:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -141,6 +141,10 @@ def test_generation_ids_equal_ours(converted, variant, num_beams):
     assert torch.equal(theirs, ours)
 
 
-def test_unsupported_variant_is_refused(tmp_path):
-    with pytest.raises(NotImplementedError, match="attention_type"):
-        ct2.convert(_model(attention_type="additive"), tmp_path)
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [({"attention_type": "additive"}, "attention_type"), ({"norm_type": "batchnorm"}, "norm_type")],
+)
+def test_unsupported_variant_is_refused_naming_the_field(tmp_path, overrides, field):
+    with pytest.raises(ValueError, match=field):
+        ct2.convert(_model(**overrides), tmp_path)

@@ -337,7 +337,11 @@ def test_train_py_push_to_hub_uploads_the_final_model(pushed_run, tmp_path):
     final = hub.uploads[-1]  # the push after training; earlier ones are the Trainer's checkpoint pushes
     expected = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "README.md"}
     assert expected | {*CODE_FILES, "tokenizer_config.json", "cross_attention.png"} <= set(final)
-    assert not any(name.startswith(("checkpoint-", ".final-model-staging")) for name in final)
+    # Only the model: no checkpoints (optimizer states), run metrics, Trainer state or arguments.
+    allowed = {*expected, *CODE_FILES, "tokenizer_config.json", "special_tokens_map.json", "learning_curve.png"}
+    assert set(final) <= allowed | {"cross_attention.png"}, set(final) - allowed
+    assert {p.name for p in out.iterdir()} >= {"all_results.json", "trainer_state.json", "training_args.bin"}
+    assert json.loads(final["config.json"])["use_cache"] is True  # Trainer turns it off for training only
     check_model_files(final, load_file(str(out / "model.safetensors")), tmp_path)
     assert json.loads(final["tokenizer_config.json"])["eos_token"] == "</s>"
 
@@ -360,6 +364,7 @@ def card_values(**overrides) -> dict:
     """Every value train.py can know after a run with a test set; overrides set some to None (unknown)."""
     values = {
         "model_name": "x",
+        "code_reference": "hf-vanilla-transformer",
         "repo_id": "user/x",
         "source_lang": "xa",
         "target_lang": "xb",
@@ -556,3 +561,12 @@ def test_truncated_weights_error_names_the_file(saved, tmp_path):
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(OSError, match=r"model\.safetensors"):
         AutoModelForSeq2SeqLM.from_pretrained(folder)
+
+
+def test_the_card_links_the_code_only_to_an_address_someone_gave():
+    from hf_vanilla_transformer.reporting import code_reference
+
+    assert code_reference("https://example.org/code") == "[hf-vanilla-transformer](https://example.org/code)"
+    assert code_reference() == "hf-vanilla-transformer"  # the package metadata names no project URL
+    card = render_model_card(card_values())
+    assert "github.com" not in card and "with hf-vanilla-transformer to translate" in card
