@@ -36,6 +36,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     gradients there, five passes over V-wide memory per row; here one (chunk, V) buffer is turned in place into the
     gradient of the logits, softmax(z) - (1 - epsilon) onehot(y) - epsilon / V, and multiplied into both gradients
     at once. The matmul FLOPs are the same: z = h W^T, dL/dh = g W, dL/dW = g^T h.
+
+    The gradients are kept per row, not yet divided by the N rows of the mean, until `backward` multiplies them by
+    the incoming gradient (which carries a GradScaler's loss scale) in fp32: under fp16 autocast, dividing first
+    would push the non-target entries (~epsilon / V / N, some 1e-9 at V = 37,000) below fp16's range.
     """
 
     @staticmethod
@@ -67,7 +71,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 total += ((1.0 - epsilon) * nll + epsilon * smooth).sum()
                 g = z.sub_(lse[:, None]).exp_().sub_(epsilon / vocab)  # in place: softmax(z) - epsilon / V
                 g[torch.arange(g.shape[0], device=g.device), y] -= 1.0 - epsilon
-                g = g.mul_(1.0 / rows).to(dtype)  # the loss is a mean over the N rows
+                g = g.to(dtype)  # per row: the mean's 1 / N comes in backward, with the loss scale
                 torch.mm(g, w, out=grad_hidden[start : start + chunk_rows])
                 if grad_weight is not None and dtype == torch.float32:
                     grad_weight.addmm_(g.t(), h_chunk)  # (V, c) @ (c, D), accumulated in place
@@ -81,8 +85,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         grad_hidden, grad_weight = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
-        grad_h = (grad_hidden * grad_loss).to(hidden_dtype) if ctx.needs_input_grad[0] else None
-        grad_w = (grad_weight * grad_loss).to(weight_dtype) if grad_weight is not None else None
+        scale = grad_loss.float() / grad_hidden.shape[0]  # the mean over rows, times the incoming (scaled) gradient
+        grad_h = (grad_hidden.float() * scale).to(hidden_dtype) if ctx.needs_input_grad[0] else None
+        grad_w = (grad_weight * scale).to(weight_dtype) if grad_weight is not None else None
         return grad_h, grad_w, None, None, None
 
 
