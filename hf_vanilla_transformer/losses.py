@@ -91,6 +91,21 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, None, None
 
 
+def can_fuse(output_projection: torch.nn.Module) -> bool:
+    """Whether the fused loss may read the output projection's weight itself: a plain weight with no bias, and no
+    hooks on the module (DeepSpeed ZeRO-3 and FSDP gather a partitioned weight in hooks around its forward; outside
+    them the weight is an empty shard)."""
+    weight = getattr(output_projection, "weight", None)
+    return (
+        weight is not None
+        and weight.numel() > 0
+        and getattr(output_projection, "bias", None) is None
+        and not output_projection._forward_hooks
+        and not output_projection._forward_pre_hooks
+        and not hasattr(output_projection, "_hf_hook")
+    )
+
+
 def fused_linear_cross_entropy(
     hidden_states: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, epsilon: float
 ) -> torch.Tensor:
@@ -105,4 +120,4 @@ def fused_linear_cross_entropy(
     return _FusedLinearCrossEntropy.apply(hidden, weight, targets, epsilon, FUSED_LOSS_CHUNK_ROWS)
 
 
-__all__ = ["FUSED_LOSS_CHUNK_ROWS", "fused_linear_cross_entropy", "label_smoothed_cross_entropy"]
+__all__ = ["FUSED_LOSS_CHUNK_ROWS", "can_fuse", "fused_linear_cross_entropy", "label_smoothed_cross_entropy"]

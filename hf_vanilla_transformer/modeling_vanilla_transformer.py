@@ -31,7 +31,7 @@ from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput, Seq2
 
 from .configuration_vanilla_transformer import VanillaTransformerConfig
 from .generation_vanilla_transformer import VanillaTransformerGenerationMixin
-from .losses import fused_linear_cross_entropy, label_smoothed_cross_entropy
+from .losses import can_fuse, fused_linear_cross_entropy, label_smoothed_cross_entropy
 
 # §3 Model architecture: an encoder-decoder, auto-regressive on the target ---------------------------------------------
 
@@ -806,12 +806,13 @@ class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedMod
         logits = loss = None
         if return_logits is None:
             return_logits = not (self.fused_training_loss and self.training and torch.is_grad_enabled())
-        if labels is not None and not return_logits and self.lm_head.bias is None:
+        if labels is not None and not return_logits and can_fuse(self.lm_head):
             loss = fused_linear_cross_entropy(hidden_states, self.lm_head.weight, labels, epsilon)
-        else:
+        else:  # also where the fused loss steps aside (a hooked or sharded output projection)
             logits = self.lm_head(hidden_states)  # (B, T, D) -> (B, T, V)
             if labels is not None:
                 loss = label_smoothed_cross_entropy(logits, labels, epsilon)
+            logits = logits if return_logits or labels is None else None  # no loss to return instead
         rest = {key: value for key, value in outputs.items() if key != "last_hidden_state"}  # cache, states, weights
         output = Seq2SeqLMOutput(loss=loss, logits=logits, **rest)
         return output if return_dict is not False else output.to_tuple()

@@ -12,7 +12,7 @@ from conftest import random_batch, tiny_model
 from transformers.trainer_pt_utils import LabelSmoother
 
 from hf_vanilla_transformer import losses
-from hf_vanilla_transformer.losses import fused_linear_cross_entropy, label_smoothed_cross_entropy
+from hf_vanilla_transformer.losses import can_fuse, fused_linear_cross_entropy, label_smoothed_cross_entropy
 
 
 def _padded_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -129,3 +129,20 @@ def test_fused_loss_keeps_fp16_gradients_as_well_as_the_plain_path():
             assert torch.isfinite(got).all()
             similarity = cosine(got.flatten(), want.flatten(), dim=0).item()
             assert similarity > 0.9999, (fused, similarity)  # the division before fp16 (until now) gave 0.998
+
+
+def test_the_fused_loss_steps_aside_for_a_hooked_or_sharded_output_projection():
+    """ZeRO-3 and FSDP gather a partitioned weight in hooks around the module's forward: reading `lm_head.weight`
+    directly would see an empty shard. With a hook there, the loss goes through the module, and is the same."""
+    model = tiny_model(label_smoothing=0.1).train()
+    input_ids, attention_mask, labels = random_batch()
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "return_logits": False}
+    fused = model(**batch)
+    calls: list[int] = []
+    model.lm_head.register_forward_pre_hook(lambda module, args: calls.append(1))
+    hooked = model(**batch)
+    assert calls == [1] and hooked.logits is None  # through the module; the caller still asked for no logits
+    assert hooked.loss.item() == pytest.approx(fused.loss.item(), abs=1e-5)
+    plain, shard = torch.nn.Linear(4, 3, bias=False), torch.nn.Linear(4, 3, bias=False)
+    shard.weight = torch.nn.Parameter(torch.empty(0))  # what ZeRO-3 leaves outside the module's forward
+    assert can_fuse(plain) and not can_fuse(shard) and not can_fuse(torch.nn.Linear(4, 3))  # the last: a bias
