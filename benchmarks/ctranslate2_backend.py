@@ -37,8 +37,8 @@ _SPECIAL_IDS = {token: index for index, token in SPECIAL_TOKENS.items()}
 def available() -> bool:
     """Whether the `ctranslate2` package imports (it is an optional dependency, in the `dev` extra)."""
     try:
-        import ctranslate2  # noqa: F401
-    except (ImportError, OSError):  # OSError: the wheel is there but its shared library does not load
+        export_ctranslate2.import_ctranslate2()
+    except ImportError:  # also a wheel whose shared library does not load
         return False
     return True
 

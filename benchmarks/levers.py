@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 from unittest import mock
@@ -48,18 +47,17 @@ GENERATION_LEVERS: dict[str, Callable[[], contextlib.AbstractContextManager]] = 
 
 
 def _alternate(variants: dict[str, Callable[[], contextlib.AbstractContextManager]], run, repeats: int) -> dict:
-    """Time `run(index)` under each variant, interleaved (on, off1, off2, on, ...), after one warm-up each."""
-    for make in variants.values():
-        with make():
-            run(-1)
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for index in range(repeats):
-        for name, make in variants.items():
+    """`common.alternate` of `run(index)` under each variant (on, off1, off2, on, ...), its context entered around
+    each call: a patch or a backend flag, microseconds against the milliseconds of a call."""
+
+    def under(make: Callable[[], contextlib.AbstractContextManager]) -> Callable[[int], None]:
+        def call(index: int) -> None:
             with make():
-                start = time.perf_counter()
                 run(index)
-                times[name].append(time.perf_counter() - start)
-    return times
+
+        return call
+
+    return common.alternate({name: under(make) for name, make in variants.items()}, repeats)
 
 
 def _speedups(times: dict[str, list[float]]) -> dict[str, Any]:
