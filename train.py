@@ -171,7 +171,8 @@ class DataTrainingArguments:
     max_tokens: int | None = field(
         default=25000,
         metadata={
-            "help": "Token-based batches of about this many source (and target) tokens (§5.1); 0 for fixed-size."
+            "help": "Token-based batches: about this many source (and target) tokens per optimizer step (§5.1), "
+            "shared by all processes and accumulation steps; 0 for fixed-size batches."
         },
     )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenizing."})

@@ -113,14 +113,35 @@ def example_lengths(dataset: datasets.Dataset, columns: Sequence[str] = ("input_
 
 
 class TokenBatchSeq2SeqTrainer(Seq2SeqTrainer):
-    """`Seq2SeqTrainer` whose training batches hold about `max_tokens` tokens per side and process (§5.1).
+    """`Seq2SeqTrainer` whose training batches hold about `max_tokens` tokens per side and optimizer step (§5.1).
 
-    ``per_device_train_batch_size`` is ignored for training; evaluation still uses ``per_device_eval_batch_size``.
+    `max_tokens` is the budget of one update, as the paper states it ("each training batch contained ... approximately
+    25000 source tokens and 25000 target tokens", on 8 GPUs): it is shared by all data-parallel processes and
+    gradient-accumulation steps, so the same flag gives the same recipe on 1 or 8 GPUs. Each process's batches hold
+    ``max_tokens // (processes * gradient_accumulation_steps)`` tokens (`tokens_per_batch`); fairseq's
+    ``--max-tokens`` is that per-process figure instead. ``per_device_train_batch_size`` is ignored for training;
+    evaluation still uses ``per_device_eval_batch_size``.
     """
 
     def __init__(self, *args, max_tokens: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.max_tokens = max_tokens
+        shares = self.accelerator.num_processes * self.args.gradient_accumulation_steps
+        self.tokens_per_batch = max_tokens // shares
+        if self.tokens_per_batch < 1:
+            raise ValueError(
+                f"max_tokens={max_tokens} is the budget of one optimizer step; shared by "
+                f"{self.accelerator.num_processes} processes x {self.args.gradient_accumulation_steps} accumulation "
+                "steps it leaves no token per batch"
+            )
+        logger.info(
+            "Token batches: about %d tokens per side and update = %d process(es) x %d accumulation step(s) x %d "
+            "tokens per batch",
+            self.tokens_per_batch * shares,
+            self.accelerator.num_processes,
+            self.args.gradient_accumulation_steps,
+            self.tokens_per_batch,
+        )
 
     def get_train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
@@ -130,7 +151,7 @@ class TokenBatchSeq2SeqTrainer(Seq2SeqTrainer):
         dataset = self._remove_unused_columns(self.train_dataset, description="Training")
         sampler = TokenBatchSampler(
             example_lengths(dataset),
-            self.max_tokens,
+            self.tokens_per_batch,
             seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
             # The full batch list, a multiple of the process count: accelerate's BatchSamplerShard deals it out
             # round-robin, so with `even_batches` no batch is repeated.
@@ -148,4 +169,22 @@ class TokenBatchSeq2SeqTrainer(Seq2SeqTrainer):
                 seed_worker, num_workers=self.args.dataloader_num_workers, rank=self.args.process_index
             ),
         )
-        return self.accelerator.prepare(loader)
+        prepared = self.accelerator.prepare(loader)
+        _forward_set_epoch(prepared, sampler)
+        return prepared
+
+
+def _forward_set_epoch(loader: DataLoader, sampler: TokenBatchSampler) -> None:
+    """Make every epoch reach the TokenBatchSampler, however accelerate wraps it.
+
+    With several processes the chain is DataLoaderShard -> BatchSamplerShard -> TokenBatchSampler, and a resumed
+    epoch adds a SkipBatchSampler on top (`skip_first_batches`). Trainer calls `set_epoch` on the loader and on the
+    loader's batch sampler's batch sampler, which after a resume is the BatchSamplerShard: it has no `set_epoch`, so
+    the rest of a resumed epoch would replay epoch 0's order (examples repeated and skipped). Giving the shard a
+    `set_epoch` that forwards closes the gap on both paths.
+    """
+    wrapper = getattr(loader, "batch_sampler", None)
+    while wrapper is not None and wrapper is not sampler:
+        if not hasattr(wrapper, "set_epoch"):
+            wrapper.set_epoch = sampler.set_epoch
+        wrapper = getattr(wrapper, "batch_sampler", None)

@@ -165,3 +165,26 @@ def test_two_real_processes_share_the_epoch(tmp_path):
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "DDP token batches OK" in result.stdout
+
+
+def test_max_tokens_is_the_budget_of_one_update_shared_by_accumulation_steps(tmp_path):
+    """§5.1's ~25,000 tokens are per training batch (one update): with 4 accumulation steps (or 4 processes) each
+    batch gets a quarter, and a budget too small to share is refused with its figures."""
+    collator = DataCollatorForSeq2Seq(train_tokenizer(["a b"], vocab_size=300))
+
+    def trainer(max_tokens: int, accumulation: int) -> TokenBatchSeq2SeqTrainer:
+        args = Seq2SeqTrainingArguments(
+            output_dir=str(tmp_path), use_cpu=True, report_to="none", gradient_accumulation_steps=accumulation
+        )
+        return TokenBatchSeq2SeqTrainer(
+            model=RecordingModel(), args=args, train_dataset=id_dataset(300), data_collator=collator,
+            max_tokens=max_tokens,
+        )  # fmt: skip
+
+    whole, quarter = trainer(1000, 1), trainer(1000, 4)
+    assert (whole.tokens_per_batch, quarter.tokens_per_batch) == (1000, 250)
+    lengths = example_lengths(id_dataset(300))
+    for batch in quarter.get_train_dataloader().batch_sampler:
+        assert len(batch) * lengths[batch].max() <= 250 or len(batch) == 1
+    with pytest.raises(ValueError, match="max_tokens=3 .* 1 processes x 4 accumulation"):
+        trainer(3, 4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -201,16 +202,38 @@ def test_a_time_budget_stops_training_with_a_checkpoint_and_minutes_in_the_log(t
     assert minutes == sorted(minutes) and 0 < minutes[-1] <= 0.05 + 0.02
 
 
+def torchrun(port: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+
+
 @pytest.mark.slow
-def test_two_process_data_parallel_run(tmp_path):
-    out = tmp_path / "ddp"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
-    result = run_train([*TINY_RUN, "--max_steps", "6", "--do_train", "--output_dir", str(out)], launcher=launcher)
+def test_two_processes_stopped_in_the_second_epoch_resume_to_the_same_weights(tmp_path):
+    """2 gloo processes, 300 pairs (11 steps an epoch): the run checkpoints at step 14, 3 steps into its second epoch.
+    A copy of that checkpoint resumed to step 20 must end with the uninterrupted run's weights, bit for bit: the rest
+    of the resumed epoch must be the second epoch's order, not the first's. The uninterrupted run also goes through
+    the whole end of a run on both processes (averaging, evaluation, prediction, the final model)."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    common = [*TINY_RUN, "--max_train_samples", "300", "--max_steps", "20", "--save_steps", "14"]
+    result = run_train([*common, "--checkpoint_average", "2", "--output_dir", str(full)], launcher=torchrun(29531))
     log = result.stdout + result.stderr
     assert "Process 0 of 2: training" in log and "Process 1 of 2: training" in log
-    state = json.loads((out / "trainer_state.json").read_text())
-    assert state["global_step"] == 6
-    assert (out / "model.safetensors").exists()
+    assert "Averaged 2 checkpoints: checkpoint-14, checkpoint-20" in log and "BLEU (test):" in result.stdout
+    state = json.loads((full / "checkpoint-14" / "trainer_state.json").read_text())
+    assert 1 < state["epoch"] < 2, state["epoch"]  # the checkpoint is inside the second epoch
+    model = AutoModelForSeq2SeqLM.from_pretrained(full)  # the final (averaged) model loads
+    assert model.config.vocab_size == len(AutoTokenizer.from_pretrained(full))
+
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-14", resumed / "checkpoint-14")
+    result = run_train(
+        [*common, "--do_train", "--output_dir", str(resumed), "--resume_from_checkpoint"], launcher=torchrun(29532)
+    )
+    assert resumed_from(result.stderr).endswith("checkpoint-14")
+    a = load_file(str(full / "checkpoint-20" / "model.safetensors"))
+    b = load_file(str(resumed / "checkpoint-20" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    differences = {k: (a[k] - b[k]).abs().max().item() for k in a if not torch.equal(a[k], b[k])}
+    assert not differences, differences
 
 
 def test_label_smoothing_moves_into_the_models_fused_loss():
