@@ -186,5 +186,5 @@ def test_max_tokens_is_the_budget_of_one_update_shared_by_accumulation_steps(tmp
     lengths = example_lengths(id_dataset(300))
     for batch in quarter.get_train_dataloader().batch_sampler:
         assert len(batch) * lengths[batch].max() <= 250 or len(batch) == 1
-    with pytest.raises(ValueError, match="max_tokens=3 .* 1 processes x 4 accumulation"):
+    with pytest.raises(ValueError, match=r"max_tokens=3 .* 1 processes x 4 accumulation"):
         trainer(3, 4)
