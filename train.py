@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,7 +41,6 @@ from transformers import (
     PreTrainedTokenizerBase,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
-    TrainerCallback,
     set_seed,
 )
 from transformers.trainer_utils import get_last_checkpoint
@@ -50,7 +48,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from hf_vanilla_transformer import VanillaTransformerConfig, VanillaTransformerForConditionalGeneration
 from hf_vanilla_transformer.allocator import keep_freed_memory_in_heap
 from hf_vanilla_transformer.batching import TokenBatchSeq2SeqTrainer
-from hf_vanilla_transformer.callbacks import TrainingTimeBudget
+from hf_vanilla_transformer.callbacks import SaveOnSignal, TrainingTimeBudget
 from hf_vanilla_transformer.corpus import SOURCE_LANG, TARGET_LANG
 from hf_vanilla_transformer.data import load_translation_dataset, tokenize_dataset
 from hf_vanilla_transformer.metrics import BLEU_SIGNATURE, PAPER_BLEU_SIGNATURE, build_compute_metrics, decode
@@ -425,32 +423,6 @@ def paper_learning_rate(d_model: int, warmup_steps: float) -> float:
     return d_model**-0.5 * max(warmup_steps, 1) ** -0.5
 
 
-class SaveOnSignal(TrainerCallback):
-    """SIGTERM or Ctrl-C during training (what schedulers and spot instances send): save a checkpoint, then stop."""
-
-    def __init__(self) -> None:
-        self.requested: int | None = None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._request)
-
-    def _request(self, signum, frame) -> None:
-        self.requested = signum
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.requested is not None:
-            control.should_save = True
-            control.should_training_stop = True
-            logger.warning(
-                "Received %s: saving checkpoint-%d in %s and stopping. Resume with --resume_from_checkpoint.",
-                signal.Signals(self.requested).name,
-                state.global_step,
-                args.output_dir,
-            )
-        return control
-
-
 # ----------------------------------------------------------------------------------------------- after training
 
 
@@ -553,6 +525,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         metrics.update(train_result.metrics)
         trainer.save_metrics("train", train_result.metrics)
         trainer.save_state()
+        stopped_by = next(cb.stopped_by for cb in trainer.callback_handler.callbacks if isinstance(cb, SaveOnSignal))
+        if stopped_by:  # every process agreed to stop: exit within the scheduler's grace period, no evaluation
+            logger.warning("Stopped by %s after saving checkpoint-%d; exiting without evaluation.", stopped_by,
+                           trainer.state.global_step)  # fmt: skip
+            return metrics
         if model_args.checkpoint_average > 1:  # on every process, so that all evaluate the same weights
             trainer.model.load_state_dict(
                 average_checkpoints(training_args.output_dir, model_args.checkpoint_average), strict=False

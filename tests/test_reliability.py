@@ -3,6 +3,7 @@ and SIGTERM), and a fuzz of forward and generate over shapes, padding and config
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,13 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from conftest import PAD, VOCAB, random_batch, tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
-from test_train import ROOT, TINY_RUN, resumed_from, run_train
+from test_train import ROOT, TINY_RUN, resumed_from, run_train, torchrun
 
 # ----------------------------------------------------------------------------------------------- numerics
 
@@ -129,10 +131,10 @@ def test_same_seed_gives_the_same_weights(reference_run, tmp_path):
     assert _same(_weights(reference_run), _weights(again))
 
 
-def _start(args: list[str]) -> subprocess.Popen:
+def _start(args: list[str], launcher: list[str] | None = None) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *args],
+        [*(launcher or [sys.executable]), str(ROOT / "train.py"), *args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -164,16 +166,21 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(reference_run, tm
     assert _same(_weights(reference_run), _weights(out))
 
 
-@pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_says_where(tmp_path):
-    out = tmp_path / "terminated"
-    process = _start([*TINY_RUN, "--max_steps", "1000", "--save_steps", "1000", "--do_train", "--output_dir", str(out)])
-    deadline = time.monotonic() + 300
+def _read_until_training(process: subprocess.Popen, timeout: float = 300) -> list[str]:
+    deadline = time.monotonic() + timeout
     lines = []
     for line in process.stdout:  # wait until training is under way
         lines.append(line)
         if "'loss'" in line or time.monotonic() > deadline:
             break
+    return lines
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_says_where(tmp_path):
+    out = tmp_path / "terminated"
+    process = _start([*TINY_RUN, "--max_steps", "1000", "--save_steps", "1000", "--do_train", "--output_dir", str(out)])
+    lines = _read_until_training(process)
     process.send_signal(signal.SIGTERM)
     rest, _ = process.communicate(timeout=300)
     log = "".join(lines) + rest
@@ -181,3 +188,36 @@ def test_sigterm_saves_a_checkpoint_and_says_where(tmp_path):
     checkpoints = list(out.glob("checkpoint-*"))
     assert len(checkpoints) == 1 and (checkpoints[0] / "model.safetensors").exists()
     assert int(checkpoints[0].name.split("-")[1]) < 1000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["one worker", "the launcher"])
+def test_sigterm_stops_two_processes_at_one_step_with_one_checkpoint_and_no_evaluation(tmp_path, target):
+    """2 gloo processes under torchrun. SIGTERM to rank 1 alone (before, rank 0 went on into a collective and the run
+    hung for good), or to torchrun, which forwards it: both processes stop after the same step, one complete
+    checkpoint is written (both processes' RNG states in it), and the run exits without the evaluation and beam
+    search that would follow a normal end (no --do_train: evaluation and prediction are on)."""
+    out = tmp_path / "terminated"
+    args = [*TINY_RUN, "--max_steps", "1000", "--save_steps", "1000", "--eval_steps", "1000", "--output_dir", str(out)]
+    process = _start(args, launcher=torchrun(29533 if target == "one worker" else 29534))
+    lines = _read_until_training(process)
+    if target == "one worker":
+        workers = psutil.Process(process.pid).children(recursive=True)
+        [rank1] = [worker for worker in workers if worker.environ().get("RANK") == "1"]
+        rank1.send_signal(signal.SIGTERM)
+    else:
+        process.send_signal(signal.SIGTERM)
+    rest, _ = process.communicate(timeout=120)  # torchrun kills its workers 30 s after forwarding a signal
+    log = "".join(lines) + rest
+    assert "Received SIGTERM: saving checkpoint-" in log, log[-3000:]
+    if target == "one worker":
+        assert process.returncode == 0, log[-3000:]
+        assert "Received a signal to another process: saving checkpoint-" in log  # rank 0 stopped with rank 1
+    checkpoints = list(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1, checkpoints
+    step = int(checkpoints[0].name.split("-")[1])
+    files = {path.name for path in checkpoints[0].iterdir()}
+    assert {"model.safetensors", "optimizer.pt", "trainer_state.json", "rng_state_0.pth", "rng_state_1.pth"} <= files
+    assert json.loads((checkpoints[0] / "trainer_state.json").read_text())["global_step"] == step < 1000
+    assert log.count("exiting without evaluation") == 2  # both processes
+    assert "eval_bleu" not in log and "BLEU (test)" not in log
