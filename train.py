@@ -54,7 +54,7 @@ from hf_vanilla_transformer.data import load_translation_dataset, tokenize_datas
 from hf_vanilla_transformer.metrics import BLEU_SIGNATURE, PAPER_BLEU_SIGNATURE, build_compute_metrics, decode
 from hf_vanilla_transformer.model_card import render_model_card
 from hf_vanilla_transformer.reporting import card_values, plot_cross_attention, plot_learning_curve
-from hf_vanilla_transformer.tokenization import train_tokenizer
+from hf_vanilla_transformer.tokenization import train_tokenizer_once
 
 logger = logging.getLogger("train")
 
@@ -298,16 +298,55 @@ def resolve_checkpoint(training_args: PaperTrainingArguments) -> str | None:
 # ----------------------------------------------------------------------------------------------- model and data
 
 
-def load_tokenizer(model_args: ModelArguments, raw: datasets.DatasetDict, data_args: DataTrainingArguments):
-    """The given tokenizer, the checkpoint's, or a shared BPE trained on the training split's two sides (§5.1)."""
+def prepare_data(model_args: ModelArguments, data_args: DataTrainingArguments, training_args, resume: str | None):
+    """Raw splits, tokenizer and tokenized splits, prepared once per machine however many processes train.
+
+    The main process of each machine loads, normalises and tokenizes first, filling `datasets`' cache; the others
+    then find the same cache files (`main_process_first`). A new BPE is trained by the main process alone and sent
+    to the others (`train_tokenizer_once`).
+    """
+    with training_args.main_process_first(desc="loading the data"):
+        raw = load_translation_dataset(
+            data_args.dataset_name,
+            data_args.dataset_config_name,
+            data_args.train_file,
+            data_args.validation_file,
+            data_args.test_file,
+            data_args.source_lang,
+            data_args.target_lang,
+            seed=data_args.corpus_seed,
+        )
+    tokenizer = load_tokenizer(model_args, raw, data_args, resume)
+    with training_args.main_process_first(desc="tokenizing"):
+        raw, tokenized = prepare_datasets(raw, tokenizer, data_args)
+    return raw, tokenizer, tokenized
+
+
+def load_tokenizer(
+    model_args: ModelArguments, raw: datasets.DatasetDict, data_args: DataTrainingArguments, resume: str | None = None
+):
+    """The given tokenizer, the checkpoint's, the one saved with the run being resumed, or a shared BPE trained on
+    the training split's two sides (§5.1)."""
     name = model_args.tokenizer_name or model_args.model_name_or_path
     if name:
         return AutoTokenizer.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
-    pairs = raw["train"]["translation"]
-    texts = (pair[lang] for pair in pairs for lang in (data_args.source_lang, data_args.target_lang))
+    if resume:  # Trainer saved the tokenizer in each checkpoint: the vocabulary the weights were trained with
+        if not (Path(resume) / "tokenizer_config.json").exists():
+            raise ValueError(f"{resume}: no tokenizer in the checkpoint to resume; give it with --tokenizer_name.")
+        return AutoTokenizer.from_pretrained(resume)
+    languages = (data_args.source_lang, data_args.target_lang)
+
+    def texts():  # read in batches from the Arrow table: a WMT-sized corpus never becomes one Python list
+        for batch in raw["train"].iter(batch_size=10_000):
+            yield from (pair[lang] for pair in batch["translation"] for lang in languages)
+
     started = time.perf_counter()
-    tokenizer = train_tokenizer(texts, vocab_size=model_args.vocab_size, pre_tokenization=model_args.pre_tokenization)
-    logger.info("Trained a shared BPE vocabulary of %d tokens in %.1f s", len(tokenizer), time.perf_counter() - started)
+    tokenizer = train_tokenizer_once(
+        texts,
+        vocab_size=model_args.vocab_size,
+        pre_tokenization=model_args.pre_tokenization,
+    )
+    logger.info("Shared BPE vocabulary of %d tokens ready in %.1f s", len(tokenizer), time.perf_counter() - started)
     return tokenizer
 
 
@@ -488,22 +527,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     resume = resolve_checkpoint(training_args)
     set_seed(training_args.seed)
 
-    raw = load_translation_dataset(
-        data_args.dataset_name,
-        data_args.dataset_config_name,
-        data_args.train_file,
-        data_args.validation_file,
-        data_args.test_file,
-        data_args.source_lang,
-        data_args.target_lang,
-        seed=data_args.corpus_seed,
-    )
-    tokenizer = load_tokenizer(model_args, raw, data_args)
+    raw, tokenizer, tokenized = prepare_data(model_args, data_args, training_args, resume)
     model = build_model(model_args, tokenizer)
     move_label_smoothing_into_model(model, training_args)
     if training_args.learning_rate is None:
         training_args.learning_rate = paper_learning_rate(model.config.d_model, training_args.warmup_steps)
-    raw, tokenized = prepare_datasets(raw, tokenizer, data_args)
     trainer = build_trainer(model, tokenizer, tokenized, training_args, data_args)
     logger.info(
         "Process %d of %d: training %s (%.1fM parameters) on %d process(es), peak learning rate %.3g, warm-up %d steps",

@@ -21,13 +21,14 @@ import os
 from collections.abc import Callable
 
 import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
+from datasets.fingerprint import Hasher
 from transformers import PreTrainedTokenizerBase
 
 from .corpus import SOURCE_LANG, TARGET_LANG, build_default_corpus
 
 logger = logging.getLogger(__name__)
-
-Pairs = list[tuple[str, str]]
 
 
 def load_translation_dataset(
@@ -78,20 +79,89 @@ def _load_named(name: str, config: str | None) -> datasets.DatasetDict:
 
 
 def _load_file(path: str, source_lang: str, target_lang: str) -> datasets.Dataset:
-    """One split from a local file (or a comma-separated pair of plain-text files)."""
-    # The files are parsed with the standard library rather than `load_dataset("json"/"csv")` because its pyarrow
-    # and pandas errors do not say which line is bad; here every error names the file and line.
+    """One split from a local file (or a comma-separated pair of plain-text files), through `datasets`' own loaders:
+    Arrow tables, memory-mapped and cached, so a large corpus never sits in Python lists, and a second process (or
+    run) reuses the first one's cache.
+
+    pyarrow's and pandas' errors do not say which line is bad. Where a loader fails, or the loaded records miss a
+    language, the file is read again line by line to raise an error that names the file and the line; clean files
+    are read once, by Arrow.
+    """
     if "," in path:
-        pairs = _read_text_pair(*_split_pair(path))
-    elif path.endswith((".json", ".jsonl")):
-        pairs = _read_json_lines(path, source_lang, target_lang)
-    elif path.endswith((".csv", ".tsv")):
-        pairs = _read_table(path, source_lang, target_lang)
-    else:
+        return _load_text_pair(*_split_pair(path), source_lang, target_lang)
+    if not path.endswith((".json", ".jsonl", ".csv", ".tsv")):
         raise ValueError(f"{path}: unknown format; use .json/.jsonl, .csv/.tsv or a 'source.txt,target.txt' pair")
-    if not pairs:
+    _check_not_empty(path)
+    if path.endswith((".json", ".jsonl")):
+        try:
+            ds = datasets.load_dataset("json", data_files=path, split="train")
+        except Exception as error:  # pyarrow's parse errors, datasets' DatasetGenerationError
+            _read_json_lines(path, source_lang, target_lang)  # raises, naming the line
+            raise ValueError(f"{path}: not JSON lines: {error}") from error
+        if _missing_a_language(ds, source_lang, target_lang):
+            _read_json_lines(path, source_lang, target_lang)
+    else:
+        delimiter = "\t" if path.endswith(".tsv") else ","
+        header = _read_header(path, delimiter)
+        for lang in (source_lang, target_lang):
+            if lang not in header:
+                raise ValueError(f"{path}: no column {lang!r} in the header {header}")
+        # Every column as text, and no pandas NA parsing: a sentence "NA" or "null" stays a sentence.
+        features = datasets.Features({name: datasets.Value("string") for name in header})
+        ds = datasets.load_dataset(
+            "csv", data_files=path, split="train", delimiter=delimiter, features=features, keep_default_na=False
+        )
+        if _count_empty(ds, source_lang, target_lang):  # an empty cell, or a short row: only the file can tell
+            _read_table(path, source_lang, target_lang)
+    if len(ds) == 0:
         raise ValueError(f"{path}: no sentence pairs (empty file)")
-    return datasets.Dataset.from_dict({"translation": [{source_lang: src, target_lang: tgt} for src, tgt in pairs]})
+    return ds
+
+
+def _load_text_pair(source_path: str, target_path: str, source_lang: str, target_lang: str) -> datasets.Dataset:
+    """Line i of the source file translates to line i of the target file: one column per language."""
+    sides = []
+    for path, lang in ((source_path, source_lang), (target_path, target_lang)):
+        _check_not_empty(path)
+        sides.append(datasets.load_dataset("text", data_files=path, split="train").rename_column("text", lang))
+    if len(sides[0]) != len(sides[1]):
+        raise ValueError(
+            f"{source_path} has {len(sides[0])} lines but {target_path} has {len(sides[1])}; "
+            "a plain-text pair needs one sentence per line on both sides"
+        )
+    return datasets.concatenate_datasets(sides, axis=1)
+
+
+def _check_not_empty(path: str) -> None:
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: empty file")
+
+
+def _read_header(path: str, delimiter: str) -> list[str]:
+    with open(path, encoding="utf-8", newline="") as f:
+        header = next(csv.reader(f, delimiter=delimiter), None)
+    if not header:
+        raise ValueError(f"{path}: empty file")
+    return header
+
+
+def _missing_a_language(ds: datasets.Dataset, source_lang: str, target_lang: str) -> bool:
+    """Whether some record lacks the `translation` field or one of the two languages (Arrow's null counts)."""
+    if "translation" not in ds.column_names:
+        return True
+    column = ds.data.column("translation")
+    if column.null_count or not pa.types.is_struct(column.type):  # records of varying shape load as JSON objects
+        return True
+    fields = {field.name for field in column.type}
+    if not {source_lang, target_lang} <= fields:
+        return True
+    return any(
+        pc.struct_field(column, [column.type.get_field_index(lang)]).null_count for lang in (source_lang, target_lang)
+    )
+
+
+def _count_empty(ds: datasets.Dataset, source_lang: str, target_lang: str) -> int:
+    return sum(pc.sum(pc.equal(ds.data.column(lang), "")).as_py() or 0 for lang in (source_lang, target_lang))
 
 
 def _split_pair(path: str) -> tuple[str, str]:
@@ -109,19 +179,8 @@ def _read_lines(path: str) -> list[str]:
     return lines
 
 
-def _read_text_pair(source_path: str, target_path: str) -> Pairs:
-    """Line i of the source file translates to line i of the target file."""
-    sources, targets = _read_lines(source_path), _read_lines(target_path)
-    if len(sources) != len(targets):
-        raise ValueError(
-            f"{source_path} has {len(sources)} lines but {target_path} has {len(targets)}; "
-            "a plain-text pair needs one sentence per line on both sides"
-        )
-    return list(zip(sources, targets, strict=True))
-
-
-def _read_json_lines(path: str, source_lang: str, target_lang: str) -> Pairs:
-    pairs = []
+def _read_json_lines(path: str, source_lang: str, target_lang: str) -> None:
+    """Check a JSON-lines file line by line; raise a ValueError naming the first bad line."""
     for number, line in enumerate(_read_lines(path), start=1):
         if not line.strip():
             continue
@@ -132,21 +191,15 @@ def _read_json_lines(path: str, source_lang: str, target_lang: str) -> Pairs:
         translation = record.get("translation") if isinstance(record, dict) else None
         if not isinstance(translation, dict):
             raise ValueError(f"{path}:{number}: expected an object with a 'translation' field")
-        pairs.append(_pair(translation, source_lang, target_lang, f"{path}:{number}: field 'translation'"))
-    return pairs
+        _pair(translation, source_lang, target_lang, f"{path}:{number}: field 'translation'")
 
 
-def _read_table(path: str, source_lang: str, target_lang: str) -> Pairs:
-    """CSV or TSV with a header row; the columns named by the language codes are used."""
+def _read_table(path: str, source_lang: str, target_lang: str) -> None:
+    """Check a CSV or TSV file row by row: a short row (a language missing) raises a ValueError naming its line."""
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ",")
-        if reader.fieldnames is None:
-            raise ValueError(f"{path}: empty file")
-        for lang in (source_lang, target_lang):
-            if lang not in reader.fieldnames:
-                raise ValueError(f"{path}: no column {lang!r} in the header {reader.fieldnames}")
-        # A short row leaves a language as None; `_pair` reports it with its line number.
-        return [_pair(row, source_lang, target_lang, f"{path}:{reader.line_num}") for row in reader]
+        for row in reader:  # a short row leaves a language as None; `_pair` reports it with its line number
+            _pair(row, source_lang, target_lang, f"{path}:{reader.line_num}")
 
 
 def _pair(record: dict, source_lang: str, target_lang: str, where: str) -> tuple[str, str]:
@@ -162,7 +215,7 @@ def _normalise(ds: datasets.Dataset, source_lang: str, target_lang: str, origin:
     if nested:
         languages = _translation_languages(ds.features["translation"])
         for lang in (source_lang, target_lang):
-            if lang not in languages:
+            if languages is not None and lang not in languages:
                 raise ValueError(f"{origin}: missing language {lang!r} in field 'translation' (has {languages})")
     elif not {source_lang, target_lang} <= set(ds.column_names):
         raise ValueError(f"{origin}: no 'translation' column and no columns {source_lang!r}/{target_lang!r}")
@@ -179,7 +232,11 @@ def _normalise(ds: datasets.Dataset, source_lang: str, target_lang: str, origin:
     def non_empty(batch: dict) -> list[bool]:
         return [bool(t[source_lang].strip() and t[target_lang].strip()) for t in batch["translation"]]
 
-    ds = ds.map(to_pairs, batched=True, remove_columns=ds.column_names, desc=f"normalising {origin}")
+    # Explicit features: the languages in (source, target) order, whatever order the input's struct had.
+    features = datasets.Features(
+        {"translation": {lang: datasets.Value("string") for lang in (source_lang, target_lang)}}
+    )
+    ds = ds.map(to_pairs, batched=True, remove_columns=ds.column_names, features=features, desc=f"normalising {origin}")
     before = len(ds)
     ds = ds.filter(non_empty, batched=True)
     if len(ds) < before:
@@ -187,12 +244,14 @@ def _normalise(ds: datasets.Dataset, source_lang: str, target_lang: str, origin:
     return ds
 
 
-def _translation_languages(feature) -> list[str]:
+def _translation_languages(feature) -> list[str] | None:
     """Language codes of a ``translation`` column: a ``datasets.Translation`` or a struct of strings."""
     if isinstance(feature, datasets.Translation):
         return list(feature.languages)
     if isinstance(feature, dict):
         return list(feature)
+    if type(feature).__name__ == "Json":  # JSON lines whose records vary in shape, already checked line by line
+        return None
     raise ValueError(f"field 'translation' has type {feature}, expected a dict of language -> text")
 
 
@@ -230,6 +289,7 @@ def tokenize_dataset(
 ) -> datasets.DatasetDict:
     """Tokenize every split with `make_preprocess`, keeping only ``input_ids``, ``attention_mask`` and ``labels``."""
     preprocess = make_preprocess(tokenizer, source_lang, target_lang, max_source_length, max_target_length)
+    settings = (_tokenizer_identity(tokenizer), source_lang, target_lang, max_source_length, max_target_length)
     return datasets.DatasetDict(
         {
             split: ds.map(
@@ -237,8 +297,23 @@ def tokenize_dataset(
                 batched=True,
                 remove_columns=ds.column_names,
                 num_proc=num_proc,
+                new_fingerprint=None if settings[0] is None else Hasher.hash((ds._fingerprint, *settings)),
                 desc=f"tokenizing {split}",
             )
             for split, ds in dataset.items()
         }
     )
+
+
+def _tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """What decides a fast tokenizer's ids, the same in every process: its `tokenizers` JSON, parsed and re-written
+    with sorted keys (the vocabulary is a hash map that each process writes in its own order), without the truncation
+    and padding that the last call left in it. The tokenized splits' cache is named after it, so that every process
+    of a run finds the main process's cache files. None for a slow tokenizer: `datasets` hashes the function."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    state = json.loads(backend.to_str())
+    for transient in ("truncation", "padding"):  # set by the last call's arguments, not part of the vocabulary
+        state.pop(transient, None)
+    return json.dumps([state, tokenizer.model_max_length], sort_keys=True)

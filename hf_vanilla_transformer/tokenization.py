@@ -1,7 +1,8 @@
 """One shared BPE vocabulary for source and target text (§5.1), trained with the `tokenizers` library."""
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
+import torch.distributed as dist
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -53,6 +54,30 @@ def train_tokenizer(
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, EOS_ID)]
     )
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
+
+
+def train_tokenizer_once(texts: Callable[[], Iterable[str]], **kwargs) -> PreTrainedTokenizerFast:
+    """`train_tokenizer(texts(), **kwargs)` on the main process only; every other data-parallel process receives
+    the result, the tokenizer's JSON, in one broadcast, and waits there meanwhile.
+
+    BPE training over a WMT-sized corpus takes minutes; done on every process it would cost that many times the CPU,
+    and the processes would agree only if training were bit-identical everywhere, which nothing checks. Every
+    process, the main one included, builds its tokenizer from the same JSON (`tokenizer_from_json`), so all hash
+    alike and find the same `datasets` cache of the tokenized data.
+    """
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    main = not distributed or dist.get_rank() == 0
+    payload = [train_tokenizer(texts(), **kwargs).backend_tokenizer.to_str() if main else None]
+    if distributed:
+        dist.broadcast_object_list(payload, src=0)
+    return tokenizer_from_json(payload[0])
+
+
+def tokenizer_from_json(text: str) -> PreTrainedTokenizerFast:
+    """A tokenizer of this package (special tokens at their fixed ids) from its `tokenizers` JSON."""
+    tokenizer = Tokenizer.from_str(text)
+    _check_special_ids(tokenizer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
 
 

@@ -3,6 +3,7 @@
 import csv
 import json
 import logging
+from pathlib import Path
 
 import datasets
 import pytest
@@ -224,3 +225,15 @@ def test_tokenize_dataset_feeds_the_seq2seq_collator(tokenizer, jsonl):
     for row, n in zip(batch["labels"], lengths, strict=True):
         assert (row[n:] == -100).all() and (row[:n] != -100).all()
     assert (batch["input_ids"][batch["attention_mask"] == 0] == tokenizer.pad_token_id).all()
+
+
+def test_local_files_are_arrow_tables_on_disk_not_python_lists(tmp_path, jsonl):
+    """Through `datasets`' loaders: memory-mapped Arrow files in the cache (which a second process reuses), for each
+    format; and a CSV cell that pandas would read as a number or as missing ("2", "NA") stays the sentence it is."""
+    (tmp_path / "t.csv").write_text('en,de\n2,NA\n"a, b",null\n', encoding="utf-8")
+    src, tgt = write_lines(tmp_path / "t.en", ["a", "b"]), write_lines(tmp_path / "t.de", ["x", "y"])
+    for train_file in (jsonl, str(tmp_path / "t.csv"), f"{src},{tgt}"):
+        split = load_translation_dataset(train_file=train_file, source_lang="en", target_lang="de")["train"]
+        assert split.cache_files and all(Path(f["filename"]).exists() for f in split.cache_files), train_file
+    pairs = load_translation_dataset(train_file=str(tmp_path / "t.csv"), source_lang="en", target_lang="de")["train"]
+    assert pairs_of(pairs) == [("2", "NA"), ("a, b", "null")]

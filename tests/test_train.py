@@ -206,6 +206,45 @@ def torchrun(port: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
 
 
+def write_jsonl_corpus(folder: Path, sizes: dict[str, int]) -> list[str]:
+    """Splits of the embedded corpus as en->de JSON-lines files; returns train.py's file flags for them."""
+    corpus = build_default_corpus(seed=0, num_train=sizes["train"], num_validation=8, num_test=8)
+    flags = []
+    for split, size in sizes.items():
+        rows = [{"translation": {"en": p[SOURCE_LANG], "de": p[TARGET_LANG]}} for p in corpus[split]["translation"]]
+        path = folder / f"{split}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows[:size]))
+        flags += [f"--{split}_file", str(path)]
+    return flags
+
+
+@pytest.mark.slow
+def test_two_processes_prepare_the_data_once_and_end_with_the_same_tokenizer_and_ids(tmp_path):
+    """Only the main process trains the BPE and tokenizes; the other receives the tokenizer and reuses the cache."""
+    write_jsonl_corpus(tmp_path, {"train": 200, "validation": 8})
+    script = str(ROOT / "tests" / "ddp_data_preparation.py")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [*torchrun(29535), script, str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert "same data on every process" in result.stdout
+
+
+def test_a_resumed_run_uses_the_tokenizer_saved_with_it(tmp_path, monkeypatch):
+    """No new BPE (which could differ, e.g. after the data changed): the checkpoint's own tokenizer."""
+    from hf_vanilla_transformer.tokenization import train_tokenizer
+
+    saved = train_tokenizer(["nu figi ke fomet", "lo sima ke"] * 20, vocab_size=300)
+    saved.save_pretrained(tmp_path / "checkpoint-10")
+    monkeypatch.setattr(train, "train_tokenizer_once", lambda *a, **k: pytest.fail("trained a new BPE"))
+    model_args, data_args, _ = train.parse_args(["--output_dir", str(tmp_path)])
+    loaded = train.load_tokenizer(model_args, None, data_args, resume=str(tmp_path / "checkpoint-10"))
+    assert loaded.get_vocab() == saved.get_vocab()
+    with pytest.raises(ValueError, match="no tokenizer in the checkpoint"):
+        train.load_tokenizer(model_args, None, data_args, resume=str(tmp_path))
+
+
 @pytest.mark.slow
 def test_two_processes_stopped_in_the_second_epoch_resume_to_the_same_weights(tmp_path):
     """2 gloo processes, 300 pairs (11 steps an epoch): the run checkpoints at step 14, 3 steps into its second epoch.
@@ -273,14 +312,7 @@ def test_keep_freed_memory_keeps_a_freed_64_mb_buffer_resident():
 @pytest.mark.slow
 def test_an_english_german_run_reports_bleu_as_the_paper_counted_it_with_signatures(tmp_path):
     """German targets: all_results.json and the card carry the paper-style score and both sacreBLEU signatures."""
-    corpus = build_default_corpus(seed=0, num_train=600, num_validation=8, num_test=8)
-    files = []
-    for split in ("train", "validation", "test"):
-        pairs = corpus[split]["translation"]
-        rows = [{"translation": {"en": pair[SOURCE_LANG], "de": pair[TARGET_LANG]}} for pair in pairs]
-        path = tmp_path / f"{split}.jsonl"
-        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        files += [f"--{split}_file", str(path)]
+    files = write_jsonl_corpus(tmp_path, {"train": 600, "validation": 8, "test": 8})
     out = tmp_path / "en-de"
     args = [*TINY_RUN, *files, "--source_lang", "en", "--target_lang", "de", "--max_steps", "10"]
     run_train([*args, "--checkpoint_average", "0", "--output_dir", str(out)])
