@@ -32,7 +32,6 @@ import datasets
 import torch
 import transformers
 from huggingface_hub import HfApi
-from safetensors.torch import load_file
 from transformers import (
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
@@ -49,11 +48,12 @@ from hf_vanilla_transformer import VanillaTransformerConfig, VanillaTransformerF
 from hf_vanilla_transformer.allocator import keep_freed_memory_in_heap
 from hf_vanilla_transformer.batching import TokenBatchSeq2SeqTrainer
 from hf_vanilla_transformer.callbacks import SaveOnSignal, TrainingTimeBudget
+from hf_vanilla_transformer.checkpoints import average_checkpoints, full_state_dict, load_weights
 from hf_vanilla_transformer.corpus import SOURCE_LANG, TARGET_LANG
 from hf_vanilla_transformer.data import load_translation_dataset, tokenize_dataset
 from hf_vanilla_transformer.metrics import BLEU_SIGNATURE, PAPER_BLEU_SIGNATURE, build_compute_metrics, decode
 from hf_vanilla_transformer.model_card import render_model_card
-from hf_vanilla_transformer.reporting import card_values, plot_cross_attention, plot_learning_curve
+from hf_vanilla_transformer.reporting import card_values, cross_attention, plot_cross_attention, plot_learning_curve
 from hf_vanilla_transformer.tokenization import train_tokenizer_once
 
 logger = logging.getLogger("train")
@@ -465,30 +465,29 @@ def paper_learning_rate(d_model: int, warmup_steps: float) -> float:
 # ----------------------------------------------------------------------------------------------- after training
 
 
-def average_checkpoints(output_dir: str, last_k: int) -> dict[str, torch.Tensor]:
-    """The element-wise mean of the weights in the last `last_k` checkpoint-* folders (§6.1)."""
-    folders = sorted(Path(output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))[-last_k:]
-    if not folders:
-        raise ValueError(f"No checkpoint-* folders in {output_dir} to average.")
-    if len(folders) < last_k:
-        logger.warning("Asked to average %d checkpoints; %s has only %d.", last_k, output_dir, len(folders))
-    total: dict[str, torch.Tensor] = {}
-    for folder in folders:
-        for name, tensor in load_file(str(folder / "model.safetensors")).items():
-            total[name] = total.get(name, 0) + tensor.double()
-    logger.info("Averaged %d checkpoints: %s", len(folders), ", ".join(f.name for f in folders))
-    return {name: (tensor / len(folders)).float() for name, tensor in total.items()}
-
-
-def save_final_model(trainer: Seq2SeqTrainer, card: str, pictures: list[Path]) -> list[str]:
+def save_final_model(trainer: Seq2SeqTrainer, card: str | None, pictures: list[Path]) -> list[str]:
     """Write the Hub-ready folder (weights, config with auto_map, code, tokenizer, generation config, card, plots)
     into a temporary folder first, then move each file into output_dir: never a half-written final model. Returns
-    the names of the files that make the published model (Trainer's `training_args.bin` is not one of them)."""
+    the names of the files that make the published model (Trainer's `training_args.bin` is not one of them).
+
+    Call it on every process: gathering the weights of a sharded model (FSDP, DeepSpeed ZeRO-3) is collective. The
+    main process writes; the others return an empty list (and need no card).
+    """
     out = Path(trainer.args.output_dir)
     staging = out / ".final-model-staging"
-    shutil.rmtree(staging, ignore_errors=True)
+    main = trainer.is_world_process_zero()
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)
     trainer.model.config.use_cache = True  # Trainer turned it off for training; a published model decodes
-    trainer.save_model(str(staging))
+    if trainer.is_fsdp_enabled and "FULL_STATE_DICT" not in str(trainer.accelerator.state.fsdp_plugin.state_dict_type):
+        # Trainer.save_model writes no weights for a sharded state dict: gather them here (collective).
+        state_dict = full_state_dict(trainer.model)
+        if main:
+            trainer._save(str(staging), state_dict=state_dict)
+    else:  # one process, DDP, FSDP with full state dicts, ZeRO-3: Trainer gathers and writes on the main process
+        trainer.save_model(str(staging), _internal_call=True)  # not the Trainer's push of the whole output folder
+    if not main:
+        return []
     (staging / "README.md").write_text(card, encoding="utf-8")
     for picture in pictures:
         shutil.copy(picture, staging / picture.name)
@@ -559,9 +558,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                            trainer.state.global_step)  # fmt: skip
             return metrics
         if model_args.checkpoint_average > 1:  # on every process, so that all evaluate the same weights
-            trainer.model.load_state_dict(
-                average_checkpoints(training_args.output_dir, model_args.checkpoint_average), strict=False
-            )
+            load_weights(trainer.model, average_checkpoints(training_args.output_dir, model_args.checkpoint_average))
     final_generation = {"num_beams": model.generation_config.num_beams}  # the paper's beam 4 for the final scores
     if training_args.do_eval and "validation" in tokenized:
         eval_metrics = trainer.evaluate(metric_key_prefix="eval", **final_generation)
@@ -577,8 +574,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         metrics.update(predict_metrics)
         if trainer.is_world_process_zero():
             log_examples(raw["test"], decode(tokenizer, predictions.predictions.clip(min=0)), data_args)
-    if trainer.is_world_process_zero():
-        finish(trainer, tokenizer, model_args, data_args, training_args, metrics, raw, train_result)
+    finish(trainer, tokenizer, model_args, data_args, training_args, metrics, raw, train_result)  # every process
     return metrics
 
 
@@ -601,21 +597,27 @@ def log_examples(raw_test, hypotheses: list[str], data_args: DataTrainingArgumen
 
 
 def finish(trainer, tokenizer, model_args, data_args, training_args, metrics, raw, train_result) -> None:
+    """The final model folder, its card and plots, the push. On every process: generating the attention map and
+    gathering sharded weights are collective under FSDP and ZeRO-3; only the main process writes files."""
     out = Path(training_args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     model = trainer.model
-    pictures = []
-    curve = plot_learning_curve(trainer.state.log_history, out / "learning_curve.png")
-    if curve:
-        pictures.append(curve)
+    main = trainer.is_world_process_zero()
     source = raw["test" if "test" in raw else "train"][0]["translation"][data_args.source_lang]
-    pictures.append(plot_cross_attention(model, tokenizer, source, out / "cross_attention.png"))
-    values = card_values(model, training_args, model_args, data_args, metrics, raw, train_result)
-    values["example_source"] = source
-    values["learning_curve"] = "learning_curve.png" if curve else None
-    values["attention_map"] = "cross_attention.png"
-    card = render_model_card(values)
+    attention = cross_attention(model, tokenizer, source)
+    card, pictures = None, []
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        curve = plot_learning_curve(trainer.state.log_history, out / "learning_curve.png")
+        pictures = [curve] if curve else []
+        pictures.append(plot_cross_attention(*attention, out / "cross_attention.png"))
+        values = card_values(model, training_args, model_args, data_args, metrics, raw, train_result)
+        values["example_source"] = source
+        values["learning_curve"] = "learning_curve.png" if curve else None
+        values["attention_map"] = "cross_attention.png"
+        card = render_model_card(values)
     names = save_final_model(trainer, card, pictures)
+    if not main:
+        return
     if training_args.push_to_hub:
         push_final_model(trainer, names)
     bleu = metrics.get("predict_bleu", metrics.get("eval_bleu"))

@@ -566,7 +566,19 @@ class VanillaTransformerPreTrainedModel(PreTrainedModel):
 
         transformers maps only the class being saved, so a checkpoint of the seq2seq model would load with
         `AutoModelForSeq2SeqLM` but not `AutoModel` where the package is not installed (`trust_remote_code=True`).
-        The bare model is in the same code file, and `from_pretrained` strips the `model.` prefix for it."""
+        The bare model is in the same code file, and `from_pretrained` strips the `model.` prefix for it.
+
+        A model sharded with FSDP2 (`fully_shard`) is an instance of a subclass that torch defines (`FSDP<Name>`):
+        while saving it is this package's class again, or the folder would get torch's FSDP files as its code. Give
+        such a model's gathered weights as `state_dict` (`checkpoints.full_state_dict`)."""
+        sharded = type(self)
+        own = next(cls for cls in sharded.__mro__ if cls.__module__ == VanillaTransformerPreTrainedModel.__module__)
+        if own is not sharded:
+            self.__class__ = own
+            try:
+                return self.save_pretrained(save_directory, *args, **kwargs)
+            finally:
+                self.__class__ = sharded
         if self._auto_class is not None:
             bare = f"{type(self).__module__.rsplit('.', 1)[-1]}.VanillaTransformerModel"
             self.config.auto_map = {"AutoModel": bare, **(getattr(self.config, "auto_map", None) or {})}

@@ -48,9 +48,10 @@ def plot_learning_curve(log_history: list[dict], path: Path) -> Path | None:
     return path
 
 
-def plot_cross_attention(model, tokenizer, source: str, path: Path) -> Path:
-    """Cross-attention of the last decoder layer, one panel per head, for the model's own translation of `source`."""
-    plt = _pyplot()
+def cross_attention(model, tokenizer, source: str) -> tuple[torch.Tensor, list[str], list[str]]:
+    """Cross-attention weights of the last decoder layer (H, T, S) for the model's own greedy translation of
+    `source`, with the source and output tokens. Under FSDP or ZeRO-3, every process must call it (generate and
+    forward gather the weights collectively)."""
     model.eval()
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")  # only eager attention returns its weights
@@ -64,6 +65,12 @@ def plot_cross_attention(model, tokenizer, source: str, path: Path) -> Path:
     weights = out.cross_attentions[-1][0].float().cpu()  # (H, T, S)
     src_tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
     tgt_tokens = tokenizer.convert_ids_to_tokens(output_ids[0, 1:])
+    return weights, src_tokens, tgt_tokens
+
+
+def plot_cross_attention(weights: torch.Tensor, src_tokens: list[str], tgt_tokens: list[str], path: Path) -> Path:
+    """`cross_attention`'s weights, one panel per head."""
+    plt = _pyplot()
     heads = weights.shape[0]
     cols = min(heads, 4)
     rows = math.ceil(heads / cols)
