@@ -42,6 +42,7 @@ from transformers import (
     Seq2SeqTrainingArguments,
     set_seed,
 )
+from transformers.integrations import is_tensorboard_available
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_vanilla_transformer import VanillaTransformerConfig, VanillaTransformerForConditionalGeneration
@@ -81,6 +82,7 @@ DEMO_RECIPE: dict[str, Any] = {
     "max_eval_samples": 200,
     "per_device_eval_batch_size": 64,
     "generation_num_beams": 1,
+    "max_grad_norm": 1.0,  # measured with Trainer's clipping at 1.0; the paper's recipe (below) clips nothing
 }
 
 
@@ -107,6 +109,7 @@ SMALL_RECIPE: dict[str, Any] = {
     "eval_steps": 1000,
     "generation_num_beams": 1,
     "per_device_eval_batch_size": 64,
+    "max_grad_norm": 1.0,  # measured with Trainer's clipping at 1.0 (not re-measured without)
 }
 
 # --max_train_minutes without --max_steps: Trainer needs a step count, and the inverse square root schedule (§5.3)
@@ -190,6 +193,17 @@ class PaperTrainingArguments(Seq2SeqTrainingArguments):
     adam_beta2: float = field(default=0.98, metadata={"help": "§5.3: 0.98."})
     adam_epsilon: float = field(default=1e-9, metadata={"help": "§5.3: 1e-9."})
     weight_decay: float = field(default=0.0, metadata={"help": "The paper uses none."})
+    max_grad_norm: float = field(
+        default=0.0,
+        metadata={"help": "Clip gradients to this norm; 0 clips none, as the paper (fairseq: --clip-norm 0)."},
+    )
+    save_total_limit: int | None = field(
+        default=None,
+        metadata={
+            "help": "Checkpoints to keep (older ones are deleted). Default: what --checkpoint_average needs, at least "
+            "2 (the one before the last is whole if a run dies while saving); 0 keeps all."
+        },
+    )
     label_smoothing_factor: float = field(default=0.1, metadata={"help": "§5.4: epsilon_ls = 0.1."})
     predict_with_generate: bool = field(default=True, metadata={"help": "Score BLEU on generated text."})
     logging_steps: float = field(default=100, metadata={"help": "Log every N steps."})
@@ -249,6 +263,13 @@ def parse_args(argv: list[str] | None = None):
         _apply_recipe(SMALL_RECIPE, explicit, groups)
     if data_args.max_tokens == 0:
         data_args.max_tokens = None
+    if "report_to" not in explicit and is_tensorboard_available():  # transformers 5 logs nowhere by default
+        training_args.report_to = ["tensorboard"]  # events in output_dir/runs
+    keep, average = training_args.save_total_limit, model_args.checkpoint_average
+    if keep is None:
+        training_args.save_total_limit = max(average, 2)
+    elif 0 < keep < average:
+        raise ValueError(f"--save_total_limit {keep} keeps fewer checkpoints than --checkpoint_average {average} needs")
     if training_args.max_train_minutes is not None and "max_steps" not in explicit:
         training_args.max_steps = UNTIL_TIME_IS_UP
     return model_args, data_args, training_args

@@ -94,10 +94,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 def can_fuse(output_projection: torch.nn.Module) -> bool:
     """Whether the fused loss may read the output projection's weight itself: a plain weight with no bias, and no
     hooks on the module (DeepSpeed ZeRO-3 and FSDP gather a partitioned weight in hooks around its forward; outside
-    them the weight is an empty shard)."""
+    them the weight is an empty shard). Not under `torch.compile`: the fused loss picks the rows that count, a
+    data-dependent shape, which breaks the graph and recompiles for every new count of target tokens, while the
+    plain loss compiles into one graph with dynamic shapes (and the compiler fuses it itself)."""
     weight = getattr(output_projection, "weight", None)
     return (
-        weight is not None
+        not torch.compiler.is_compiling()
+        and weight is not None
         and weight.numel() > 0
         and getattr(output_projection, "bias", None) is None
         and not output_projection._forward_hooks

@@ -78,6 +78,29 @@ def test_small_recipe_applies_to_small_presets_on_real_data_and_only_to_unset_fl
     assert args.learning_rate is None and model_args.vocab_size == 37000 and model_args.checkpoint_average == 0
 
 
+def test_paper_clipping_and_checkpoints_kept_for_averaging():
+    """§5.3 clips no gradients (fairseq's recipe: --clip-norm 0); Trainer's 1.0 stays only in the recipes that were
+    measured with it. Old checkpoints are deleted, keeping what --checkpoint_average needs (at least 2)."""
+    _, _, args = train.parse_args(["--dataset_name", "wmt14", "--dataset_config_name", "de-en"])
+    assert args.max_grad_norm == 0.0 and args.save_total_limit == 2
+    _, _, args = train.parse_args(["--dataset_name", "wmt14", "--checkpoint_average", "5"])
+    assert args.save_total_limit == 5
+    _, _, args = train.parse_args(["--dataset_name", "wmt14", "--checkpoint_average", "5", "--save_total_limit", "0"])
+    assert args.save_total_limit == 0  # keep all
+    with pytest.raises(ValueError, match="--save_total_limit 3 keeps fewer checkpoints than --checkpoint_average 5"):
+        train.parse_args(["--dataset_name", "wmt14", "--checkpoint_average", "5", "--save_total_limit", "3"])
+    assert train.parse_args([])[2].max_grad_norm == train.DEMO_RECIPE["max_grad_norm"] == 1.0
+    assert train.parse_args(["--train_file", "x.jsonl", "--config_name", "small"])[2].max_grad_norm == 1.0
+
+
+def test_report_to_is_tensorboard_when_installed(monkeypatch):
+    monkeypatch.setattr(train, "is_tensorboard_available", lambda: True)
+    assert train.parse_args(["--output_dir", "x"])[2].report_to == ["tensorboard"]
+    assert train.parse_args(["--output_dir", "x", "--report_to", "none"])[2].report_to == []
+    monkeypatch.setattr(train, "is_tensorboard_available", lambda: False)
+    assert train.parse_args(["--output_dir", "x"])[2].report_to == []
+
+
 def test_max_train_minutes_without_max_steps_runs_until_the_time_is_up():
     _, _, args = train.parse_args(["--train_file", "x.jsonl", "--config_name", "small", "--max_train_minutes", "30"])
     assert args.max_train_minutes == 30 and args.max_steps == train.UNTIL_TIME_IS_UP
@@ -144,6 +167,8 @@ def test_end_to_end_run_writes_a_loadable_hub_ready_model(tmp_path):
     result = run_train([*TINY_RUN, "--max_steps", "20", "--checkpoint_average", "2", "--output_dir", str(out)])
     log = result.stdout + result.stderr
     assert "on 1 process(es)" in log and "Averaged 2 checkpoints: checkpoint-10, checkpoint-20" in log
+    assert "about 1024 tokens per side and update = 1 process(es) x 1 accumulation step(s) x 1024" in log
+    assert list((out / "runs").glob("*/events.out.tfevents.*"))  # TensorBoard (installed with the dev extras)
     assert "BLEU (test):" in result.stdout and "Translate with:" in result.stdout
     results = json.loads((out / "all_results.json").read_text())
     assert {"eval_bleu", "predict_bleu", "train_loss"} <= set(results)
