@@ -1,5 +1,6 @@
 """Run by tests/test_checkpoints.py under ``torchrun --nproc_per_node 2``: FSDP2 (`fully_shard`) training of a tiny
-model with the fused loss, sharded checkpoints, averaging them into the sharded model, and saving the result."""
+model with the fused loss (checked against the same steps in one unsharded process), sharded checkpoints, averaging
+them into the sharded model, and saving the result."""
 
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ def main(folder: str) -> None:
         fully_shard(layer)
     fully_shard(model)
     assert isinstance(model.lm_head.weight, DTensor)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # not Adam: it would hide a wrongly scaled gradient
     saved = []
     for step in range(1, 7):
         input_ids, attention_mask, labels = random_batch(seed=step + 100 * rank)
@@ -39,6 +40,25 @@ def main(folder: str) -> None:
                 checkpoint_id=str(out / f"checkpoint-{step}" / FSDP_SHARDED_FOLDER),
             )
             saved.append(full_state_dict(model))  # gathered on rank 0 (the others get {})
+    # The same 6 steps in one process without sharding, on both processes' batches (the mean of the two losses is
+    # what data parallelism averages): FSDP2, with the fused loss reading the gathered output weight, must agree.
+    reference = tiny_model(seed=0).train()
+    reference.fused_training_loss = True
+    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.5)
+    for step in range(1, 7):
+        losses = [
+            reference(
+                **dict(zip(("input_ids", "attention_mask", "labels"), random_batch(seed=step + 100 * r), strict=True))
+            ).loss
+            for r in (0, 1)
+        ]
+        (sum(losses) / 2).backward()
+        reference_optimizer.step()
+        reference_optimizer.zero_grad()
+    trained = full_state_dict(model)
+    if rank == 0:
+        for name, tensor in reference.state_dict().items():
+            torch.testing.assert_close(trained[name], tensor, atol=2e-5, rtol=1e-4, msg=name)
     average = average_checkpoints(out, 3)  # every process reads the files
     load_weights(model, average)  # every process: each keeps its shard of the average
     final = full_state_dict(model)
