@@ -49,7 +49,7 @@ from hf_vanilla_transformer import VanillaTransformerConfig, VanillaTransformerF
 from hf_vanilla_transformer.allocator import keep_freed_memory_in_heap
 from hf_vanilla_transformer.batching import TokenBatchSeq2SeqTrainer
 from hf_vanilla_transformer.callbacks import SaveOnSignal, TrainingTimeBudget
-from hf_vanilla_transformer.checkpoints import average_checkpoints, full_state_dict, load_weights
+from hf_vanilla_transformer.checkpoints import average_checkpoints, load_weights
 from hf_vanilla_transformer.corpus import SOURCE_LANG, TARGET_LANG
 from hf_vanilla_transformer.data import load_translation_dataset, tokenize_dataset
 from hf_vanilla_transformer.metrics import BLEU_SIGNATURE, PAPER_BLEU_SIGNATURE, build_compute_metrics, decode
@@ -500,9 +500,10 @@ def save_final_model(trainer: Seq2SeqTrainer, card: str | None, pictures: list[P
     if main:
         shutil.rmtree(staging, ignore_errors=True)
     trainer.model.config.use_cache = True  # Trainer turned it off for training; a published model decodes
-    if trainer.is_fsdp_enabled and "FULL_STATE_DICT" not in str(trainer.accelerator.state.fsdp_plugin.state_dict_type):
-        # Trainer.save_model writes no weights for a sharded state dict: gather them here (collective).
-        state_dict = full_state_dict(trainer.model)
+    if trainer.is_fsdp_enabled:
+        # Trainer.save_model writes no weights when FSDP's state dict type is sharded (accelerate's default); accelerate
+        # gathers the full weights for FSDP1 and FSDP2 alike, onto the main process (a collective call).
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)
         if main:
             trainer._save(str(staging), state_dict=state_dict)
     else:  # one process, DDP, FSDP with full state dicts, ZeRO-3: Trainer gathers and writes on the main process

@@ -134,14 +134,3 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
         set_model_state_dict(model, dict(state_dict), options=StateDictOptions(full_state_dict=True, strict=False))
     else:
         model.load_state_dict(state_dict, strict=False)
-
-
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's whole weights as ordinary CPU tensors. For a model sharded with FSDP2 this gathers the shards: a
-    collective call that every process must make, after which the main process holds the weights and the others
-    an empty dict (`cpu_offload` keeps a single full copy in memory)."""
-    if not _is_sharded(model):
-        return {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

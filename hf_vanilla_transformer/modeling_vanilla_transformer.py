@@ -570,7 +570,7 @@ class VanillaTransformerPreTrainedModel(PreTrainedModel):
 
         A model sharded with FSDP2 (`fully_shard`) is an instance of a subclass that torch defines (`FSDP<Name>`):
         while saving it is this package's class again, or the folder would get torch's FSDP files as its code. Give
-        such a model's gathered weights as `state_dict` (`checkpoints.full_state_dict`)."""
+        such a model's gathered weights as `state_dict` (`Accelerator.get_state_dict`)."""
         sharded = type(self)
         own = next(cls for cls in sharded.__mro__ if cls.__module__ == VanillaTransformerPreTrainedModel.__module__)
         if own is not sharded:

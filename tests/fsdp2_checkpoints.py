@@ -10,11 +10,18 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from conftest import random_batch, tiny_model
 from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import get_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from hf_vanilla_transformer.checkpoints import FSDP_SHARDED_FOLDER, average_checkpoints, full_state_dict, load_weights
+from hf_vanilla_transformer.checkpoints import FSDP_SHARDED_FOLDER, average_checkpoints, load_weights
+
+
+def full_state_dict(model) -> dict[str, torch.Tensor]:
+    """The whole weights on rank 0 ({} elsewhere), as `Accelerator.get_state_dict` gathers them for FSDP2 (the call
+    train.py makes through Trainer, which needs a GPU to turn FSDP on)."""
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
 
 
 def main(folder: str) -> None:
