@@ -4,7 +4,6 @@ and invariances any correct implementation has (causality, padding, batch indepe
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import math
 
@@ -32,7 +31,6 @@ from hf_vanilla_transformer import (
     VanillaTransformerConfig,
     VanillaTransformerForConditionalGeneration,
     VanillaTransformerModel,
-    losses,
 )
 from hf_vanilla_transformer import modeling_vanilla_transformer as modeling
 from hf_vanilla_transformer.modeling_vanilla_transformer import shift_tokens_right, sinusoidal_table
@@ -492,8 +490,8 @@ def test_cached_one_token_steps_equal_the_plain_full_forward():
 
 
 def test_a_cached_decoding_step_compiles_without_graph_breaks():
-    """torch.compile can take a whole decoding step as one graph (the CPU token-id check steps aside while compiling);
-    the training forward breaks only where the fused loss selects the non-padding rows (a data-dependent shape)."""
+    """torch.compile can take a whole decoding step as one graph (the CPU token-id check steps aside while compiling),
+    and a training forward too (the fused loss, whose row selection has a data-dependent shape, steps aside)."""
     model = tiny_model()
     input_ids, attention_mask, labels = random_batch()
     start = torch.ones(2, 1, dtype=torch.long)
@@ -515,10 +513,7 @@ def test_a_cached_decoding_step_compiles_without_graph_breaks():
     model.train()
     model.fused_training_loss = True
     explained = torch._dynamo.explain(model)(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-    frames = [frame for reason in explained.break_reasons for frame in reason.user_stack[-1:]]
-    source = inspect.getsource(losses).splitlines()
-    assert frames and all(frame.filename == losses.__file__ for frame in frames), frames
-    assert all(".nonzero()" in source[frame.lineno - 1] for frame in frames)
+    assert explained.graph_break_count == 0, [str(reason.reason)[:200] for reason in explained.break_reasons]
 
 
 # ----------------------------------------------------------------------------------------------- §3.2.2 no biases

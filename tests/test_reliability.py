@@ -190,6 +190,17 @@ def test_sigterm_saves_a_checkpoint_and_says_where(tmp_path):
     assert int(checkpoints[0].name.split("-")[1]) < 1000
 
 
+def _worker(launcher: subprocess.Popen, rank: int) -> psutil.Process | None:
+    """The process torchrun started for `rank` (its environment has RANK)."""
+    for worker in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if worker.environ().get("RANK") == str(rank):
+                return worker
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return None
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["one worker", "the launcher"])
 def test_sigterm_stops_two_processes_at_one_step_with_one_checkpoint_and_no_evaluation(tmp_path, target):
@@ -199,11 +210,12 @@ def test_sigterm_stops_two_processes_at_one_step_with_one_checkpoint_and_no_eval
     search that would follow a normal end (no --do_train: evaluation and prediction are on)."""
     out = tmp_path / "terminated"
     args = [*TINY_RUN, "--max_steps", "1000", "--save_steps", "1000", "--eval_steps", "1000", "--output_dir", str(out)]
-    process = _start(args, launcher=torchrun(29533 if target == "one worker" else 29534))
+    process = _start(args, launcher=torchrun())
     lines = _read_until_training(process)
+    assert process.poll() is None, "".join(lines)[-3000:]
     if target == "one worker":
-        workers = psutil.Process(process.pid).children(recursive=True)
-        [rank1] = [worker for worker in workers if worker.environ().get("RANK") == "1"]
+        rank1 = _worker(process, rank=1)
+        assert rank1 is not None, "".join(lines)[-3000:]
         rank1.send_signal(signal.SIGTERM)
     else:
         process.send_signal(signal.SIGTERM)

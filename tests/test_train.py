@@ -211,8 +211,9 @@ def test_a_time_budget_stops_training_with_a_checkpoint_and_minutes_in_the_log(t
     assert minutes == sorted(minutes) and 0 < minutes[-1] <= 0.05 + 0.02
 
 
-def torchrun(port: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+def torchrun() -> list[str]:
+    """2 processes on this machine; --standalone picks a free port for the rendezvous (no clash between tests)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def write_jsonl_corpus(folder: Path, sizes: dict[str, int]) -> list[str]:
@@ -234,7 +235,7 @@ def test_two_processes_prepare_the_data_once_and_end_with_the_same_tokenizer_and
     script = str(ROOT / "tests" / "ddp_data_preparation.py")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
-        [*torchrun(29535), script, str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        [*torchrun(), script, str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     assert "same data on every process" in result.stdout
@@ -262,7 +263,7 @@ def test_two_processes_stopped_in_the_second_epoch_resume_to_the_same_weights(tm
     the whole end of a run on both processes (averaging, evaluation, prediction, the final model)."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     common = [*TINY_RUN, "--max_train_samples", "300", "--max_steps", "20", "--save_steps", "14"]
-    result = run_train([*common, "--checkpoint_average", "2", "--output_dir", str(full)], launcher=torchrun(29531))
+    result = run_train([*common, "--checkpoint_average", "2", "--output_dir", str(full)], launcher=torchrun())
     log = result.stdout + result.stderr
     assert "Process 0 of 2: training" in log and "Process 1 of 2: training" in log
     assert "Averaged 2 checkpoints: checkpoint-14, checkpoint-20" in log and "BLEU (test):" in result.stdout
@@ -274,7 +275,7 @@ def test_two_processes_stopped_in_the_second_epoch_resume_to_the_same_weights(tm
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-14", resumed / "checkpoint-14")
     result = run_train(
-        [*common, "--do_train", "--output_dir", str(resumed), "--resume_from_checkpoint"], launcher=torchrun(29532)
+        [*common, "--do_train", "--output_dir", str(resumed), "--resume_from_checkpoint"], launcher=torchrun()
     )
     assert resumed_from(result.stderr).endswith("checkpoint-14")
     a = load_file(str(full / "checkpoint-20" / "model.safetensors"))
