@@ -16,9 +16,9 @@ def main(output_dir: str) -> None:
         output_dir=output_dir, num_train_epochs=2, use_cpu=True, report_to="none", save_strategy="no",
         logging_strategy="no", seed=0,
     )  # fmt: skip
-    model, ds = RecordingModel(), id_dataset(301)  # 35 batches before evening out: odd on purpose
+    model, ds = RecordingModel(), id_dataset(301)  # 410 per update = 205 per process: 35 batches, odd on purpose
     collator = DataCollatorForSeq2Seq(train_tokenizer(["a b"], vocab_size=300))
-    trainer = TokenBatchSeq2SeqTrainer(model=model, args=args, train_dataset=ds, data_collator=collator, max_tokens=205)
+    trainer = TokenBatchSeq2SeqTrainer(model=model, args=args, train_dataset=ds, data_collator=collator, max_tokens=410)
     steps = len(trainer.get_train_dataloader())
     trainer.train()
     shares = [None] * dist.get_world_size()
