@@ -506,7 +506,7 @@ def save_final_model(trainer: Seq2SeqTrainer, card: str | None, pictures: list[P
         state_dict = trainer.accelerator.get_state_dict(trainer.model)
         if main:
             trainer._save(str(staging), state_dict=state_dict)
-    else:  # one process, DDP, FSDP with full state dicts, ZeRO-3: Trainer gathers and writes on the main process
+    else:  # one process, DDP, DeepSpeed (Trainer gathers ZeRO-3's partitions): written by the main process
         trainer.save_model(str(staging), _internal_call=True)  # not the Trainer's push of the whole output folder
     if not main:
         return []
@@ -576,8 +576,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         trainer.save_state()
         stopped_by = next(cb.stopped_by for cb in trainer.callback_handler.callbacks if isinstance(cb, SaveOnSignal))
         if stopped_by:  # every process agreed to stop: exit within the scheduler's grace period, no evaluation
-            logger.warning("Stopped by %s after saving checkpoint-%d; exiting without evaluation.", stopped_by,
-                           trainer.state.global_step)  # fmt: skip
+            step = trainer.state.global_step
+            logger.warning("Stopped by %s after saving checkpoint-%d; exiting without evaluation.", stopped_by, step)
             return metrics
         if model_args.checkpoint_average > 1:  # on every process, so that all evaluate the same weights
             load_weights(trainer.model, average_checkpoints(training_args.output_dir, model_args.checkpoint_average))
