@@ -256,15 +256,18 @@ def test_a_resumed_run_uses_the_tokenizer_saved_with_it(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", [[], ["--bf16"]], ids=["fp32", "bf16"])
-def test_two_processes_stopped_in_the_second_epoch_resume_to_the_same_weights(tmp_path, precision):
+@pytest.mark.parametrize(
+    "variant", [[], ["--bf16", "--gradient_accumulation_steps", "2"]], ids=["fp32", "bf16-accumulation"]
+)
+def test_two_processes_stopped_in_the_second_epoch_resume_to_the_same_weights(tmp_path, variant):
     """2 gloo processes, 300 pairs (11 steps an epoch): the run checkpoints at step 14, 3 steps into its second epoch.
     A copy of that checkpoint resumed to step 20 must end with the uninterrupted run's weights, bit for bit: the rest
     of the resumed epoch must be the second epoch's order, not the first's. The uninterrupted run also goes through
     the whole end of a run on both processes (averaging, evaluation, prediction, the final model). Also under bf16
-    autocast (Trainer's --bf16, which CPUs run too)."""
+    autocast (Trainer's --bf16, which CPUs run too) with 2 accumulation steps (the same 1024 tokens per update, in
+    batches half as large: still 11 updates an epoch)."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    common = [*TINY_RUN, "--max_train_samples", "300", "--max_steps", "20", "--save_steps", "14", *precision]
+    common = [*TINY_RUN, "--max_train_samples", "300", "--max_steps", "20", "--save_steps", "14", *variant]
     result = run_train([*common, "--checkpoint_average", "2", "--output_dir", str(full)], launcher=torchrun())
     log = result.stdout + result.stderr
     assert "Process 0 of 2: training" in log and "Process 1 of 2: training" in log
