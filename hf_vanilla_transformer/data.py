@@ -146,18 +146,20 @@ def _read_header(path: str, delimiter: str) -> list[str]:
 
 
 def _missing_a_language(ds: datasets.Dataset, source_lang: str, target_lang: str) -> bool:
-    """Whether some record lacks the `translation` field or one of the two languages (Arrow's null counts)."""
+    """Whether some record lacks the `translation` field or one of the two languages, or has a non-text one
+    (from Arrow's types and null counts)."""
     if "translation" not in ds.column_names:
         return True
     column = ds.data.column("translation")
     if column.null_count or not pa.types.is_struct(column.type):  # records of varying shape load as JSON objects
         return True
-    fields = {field.name for field in column.type}
-    if not {source_lang, target_lang} <= fields:
-        return True
-    return any(
-        pc.struct_field(column, [column.type.get_field_index(lang)]).null_count for lang in (source_lang, target_lang)
-    )
+    for lang in (source_lang, target_lang):
+        index = column.type.get_field_index(lang)
+        if index < 0 or not pa.types.is_string(column.type.field(index).type):
+            return True
+        if pc.struct_field(column, [index]).null_count:
+            return True
+    return False
 
 
 def _count_empty(ds: datasets.Dataset, source_lang: str, target_lang: str) -> int:
@@ -171,27 +173,21 @@ def _split_pair(path: str) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
-def _read_lines(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    if not lines:
-        raise ValueError(f"{path}: empty file")
-    return lines
-
-
 def _read_json_lines(path: str, source_lang: str, target_lang: str) -> None:
-    """Check a JSON-lines file line by line; raise a ValueError naming the first bad line."""
-    for number, line in enumerate(_read_lines(path), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: malformed JSON ({error.msg})") from None
-        translation = record.get("translation") if isinstance(record, dict) else None
-        if not isinstance(translation, dict):
-            raise ValueError(f"{path}:{number}: expected an object with a 'translation' field")
-        _pair(translation, source_lang, target_lang, f"{path}:{number}: field 'translation'")
+    """Check a JSON-lines file line by line (streamed, one line in memory); raise a ValueError naming the first bad
+    line."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: malformed JSON ({error.msg})") from None
+            translation = record.get("translation") if isinstance(record, dict) else None
+            if not isinstance(translation, dict):
+                raise ValueError(f"{path}:{number}: expected an object with a 'translation' field")
+            _pair(translation, source_lang, target_lang, f"{path}:{number}: field 'translation'")
 
 
 def _read_table(path: str, source_lang: str, target_lang: str) -> None:
@@ -204,8 +200,10 @@ def _read_table(path: str, source_lang: str, target_lang: str) -> None:
 
 def _pair(record: dict, source_lang: str, target_lang: str, where: str) -> tuple[str, str]:
     for lang in (source_lang, target_lang):
-        if not isinstance(record.get(lang), str):
+        if record.get(lang) is None:
             raise ValueError(f"{where}: missing language {lang!r} (found {sorted(map(str, record))})")
+        if not isinstance(record[lang], str):
+            raise ValueError(f"{where}: language {lang!r} is not text: {record[lang]!r}")
     return record[source_lang], record[target_lang]
 
 

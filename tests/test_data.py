@@ -237,3 +237,10 @@ def test_local_files_are_arrow_tables_on_disk_not_python_lists(tmp_path, jsonl):
         assert split.cache_files and all(Path(f["filename"]).exists() for f in split.cache_files), train_file
     pairs = load_translation_dataset(train_file=str(tmp_path / "t.csv"), source_lang="en", target_lang="de")["train"]
     assert pairs_of(pairs) == [("2", "NA"), ("a, b", "null")]
+
+
+def test_a_sentence_that_is_not_text_names_its_line(tmp_path):
+    records = [{"translation": {"en": "a", "de": "b"}}, {"translation": {"en": 7, "de": "c"}}]
+    path = write_jsonl(tmp_path / "bad.jsonl", records)
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: field 'translation': language 'en' is not text: 7"):
+        load_translation_dataset(train_file=path, source_lang="en", target_lang="de")
