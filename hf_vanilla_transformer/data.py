@@ -112,7 +112,7 @@ def _load_file(path: str, source_lang: str, target_lang: str) -> datasets.Datase
             "csv", data_files=path, split="train", delimiter=delimiter, features=features, keep_default_na=False
         )
         if _count_empty(ds, source_lang, target_lang):  # an empty cell, or a short row: only the file can tell
-            _read_table(path, source_lang, target_lang)
+            _read_table(path, delimiter, source_lang, target_lang)
     if len(ds) == 0:
         raise ValueError(f"{path}: no sentence pairs (empty file)")
     return ds
@@ -187,24 +187,23 @@ def _read_json_lines(path: str, source_lang: str, target_lang: str) -> None:
             translation = record.get("translation") if isinstance(record, dict) else None
             if not isinstance(translation, dict):
                 raise ValueError(f"{path}:{number}: expected an object with a 'translation' field")
-            _pair(translation, source_lang, target_lang, f"{path}:{number}: field 'translation'")
+            _check_pair(translation, source_lang, target_lang, f"{path}:{number}: field 'translation'")
 
 
-def _read_table(path: str, source_lang: str, target_lang: str) -> None:
+def _read_table(path: str, delimiter: str, source_lang: str, target_lang: str) -> None:
     """Check a CSV or TSV file row by row: a short row (a language missing) raises a ValueError naming its line."""
     with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ",")
-        for row in reader:  # a short row leaves a language as None; `_pair` reports it with its line number
-            _pair(row, source_lang, target_lang, f"{path}:{reader.line_num}")
+        reader = csv.DictReader(f, delimiter=delimiter)
+        for row in reader:  # a short row leaves a language as None; `_check_pair` reports it with its line number
+            _check_pair(row, source_lang, target_lang, f"{path}:{reader.line_num}")
 
 
-def _pair(record: dict, source_lang: str, target_lang: str, where: str) -> tuple[str, str]:
+def _check_pair(record: dict, source_lang: str, target_lang: str, where: str) -> None:
     for lang in (source_lang, target_lang):
         if record.get(lang) is None:
             raise ValueError(f"{where}: missing language {lang!r} (found {sorted(map(str, record))})")
         if not isinstance(record[lang], str):
             raise ValueError(f"{where}: language {lang!r} is not text: {record[lang]!r}")
-    return record[source_lang], record[target_lang]
 
 
 def _normalise(ds: datasets.Dataset, source_lang: str, target_lang: str, origin: str) -> datasets.Dataset:
@@ -248,7 +247,7 @@ def _translation_languages(feature) -> list[str] | None:
         return list(feature.languages)
     if isinstance(feature, dict):
         return list(feature)
-    if type(feature).__name__ == "Json":  # JSON lines whose records vary in shape, already checked line by line
+    if isinstance(feature, datasets.Json):  # JSON lines whose records vary in shape, already checked line by line
         return None
     raise ValueError(f"field 'translation' has type {feature}, expected a dict of language -> text")
 
