@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from transformers.trainer_utils import sort_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +32,9 @@ FSDP_SHARDED_FOLDER = "pytorch_model_fsdp_0"  # accelerate's save_fsdp_model: f"
 
 
 def checkpoint_folders(output_dir: str | os.PathLike, last_k: int) -> list[Path]:
-    """The last `last_k` ``checkpoint-<step>`` folders of `output_dir`, in step order (numeric, not text)."""
-    folders = [p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    folders = sorted(folders, key=lambda p: int(p.name.split("-")[-1]))[-last_k:]
+    """The last `last_k` ``checkpoint-<step>`` folders of `output_dir`, in step order (numeric, not text), as
+    Trainer orders them when it deletes old ones (`sort_checkpoints`)."""
+    folders = [Path(folder) for folder in sort_checkpoints(str(output_dir))[-last_k:]]
     if not folders:
         raise ValueError(f"No checkpoint-* folders in {output_dir} to average.")
     if len(folders) < last_k:
