@@ -63,8 +63,9 @@ def train_tokenizer_once(texts: Callable[[], Iterable[str]], **kwargs) -> PreTra
 
     BPE training over a WMT-sized corpus takes minutes; done on every process it would cost that many times the CPU,
     and the processes would agree only if training were bit-identical everywhere, which nothing checks. Every
-    process, the main one included, builds its tokenizer from the same JSON (`tokenizer_from_json`), so all hash
-    alike and find the same `datasets` cache of the tokenized data.
+    process, the main one included, builds its tokenizer from the same JSON (`tokenizer_from_json`), the same way.
+    (Their JSON still differs in the order of the vocabulary, a hash map: the tokenized data's cache is named by
+    `data._tokenizer_identity`, which sorts it.)
     """
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     main = not distributed or dist.get_rank() == 0
