@@ -9,22 +9,23 @@ them to `GenerationMixin`, as transformers' own Whisper keeps its decoding logic
 - one copy of the encoder output per input for all its beams (`rows_per_source`), and a beam reorder that leaves
   the cross-attention cache alone.
 
-`generate()` is also the one point where CPU speed is applied: `cpu_inference.onednn_decoding` for the call.
 This file imports only torch, transformers and its siblings; `save_pretrained` copies it with the modeling file.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import transformers
 from torch import Tensor
 from transformers import GenerationConfig, GenerationMixin
 from transformers.cache_utils import Cache, EncoderDecoderCache
 from transformers.generation import LogitsProcessor, LogitsProcessorList
-
-from .cpu_inference import onednn_decoding
 
 
 class SourceLengthLimitLogitsProcessor(LogitsProcessor):
@@ -59,10 +60,38 @@ class SourceLengthLimitLogitsProcessor(LogitsProcessor):
 # that the result is divided by lp(Y) instead. The generation config's `length_penalty_type` picks the form:
 # "gnmt" (the paper's, saved by `paper_generation_config`) or "transformers" (|Y|^α; also what a generation config
 # without the key means, so checkpoints saved before it decode as they did). `generate()` sets the form for its call
-# in a context variable, which concurrent calls from other threads do not see. tests/test_generation.py pins the
-# ranking and the scores of both forms, so a transformers release that changes these helpers fails it loudly.
+# in a context variable, which concurrent calls from other threads do not see.
+#
+# The helpers are private: a transformers release may rename them or stop calling them, and beam search would then
+# rank by |Y|^α without a word. `generate()` therefore checks both ends: before the call, that transformers still
+# has the helpers with the arguments the overrides read; after it, that both overrides ran. Either failure is a
+# `RuntimeError` naming the installed transformers version (`length_penalty_type="transformers"` still decodes).
 LENGTH_PENALTY_TYPES = ("gnmt", "transformers")
-_length_penalty_type: ContextVar[str] = ContextVar("length_penalty_type", default="transformers")
+# The custom keys of §6.1 in a generation config (`paper_generation_config`); transformers carries them through its
+# merge of the caller's config with the model's saved one as it carries any custom key.
+PAPER_GENERATION_KEYS = ("length_penalty_type", "max_length_offset")
+_BEAM_HELPERS = {
+    "_update_finished_beams": {"topk_log_probs", "cur_len", "decoder_prompt_len", "length_penalty"},
+    "_check_early_stop_heuristic": {
+        "running_beam_scores",
+        "cur_len",
+        "max_length",
+        "decoder_prompt_len",
+        "early_stopping",
+        "length_penalty",
+    },
+}
+
+
+@dataclass
+class _PenaltyCall:
+    """The length penalty form of one `generate()` call, and which beam-search overrides applied it."""
+
+    penalty_type: str = "transformers"
+    applied: set[str] = field(default_factory=set)
+
+
+_penalty_call: ContextVar[_PenaltyCall | None] = ContextVar("penalty_call", default=None)  # None: not in generate()
 
 
 def length_penalty(length: int, alpha: float, penalty_type: str = "gnmt") -> float:
@@ -73,12 +102,33 @@ def length_penalty(length: int, alpha: float, penalty_type: str = "gnmt") -> flo
     return float(length) ** alpha
 
 
-def _to_penalty_type(length: int, alpha: float) -> float:
+def _to_penalty_type(helper: str, length: int, alpha: float) -> float:
     """The factor that turns transformers' division by |Y|^α into one by the current call's length penalty."""
-    penalty_type = _length_penalty_type.get()
-    if penalty_type == "transformers" or length <= 0:
+    call = _penalty_call.get()
+    if call is None:  # beam search run outside `generate()`: transformers' own form
         return 1.0
-    return length_penalty(length, alpha, "transformers") / length_penalty(length, alpha, penalty_type)
+    call.applied.add(helper)
+    if call.penalty_type == "transformers" or length <= 0:
+        return 1.0
+    return length_penalty(length, alpha, "transformers") / length_penalty(length, alpha, call.penalty_type)
+
+
+def _beam_helpers_missing() -> list[str]:
+    """The beam-search helpers (or the arguments of them) that the GNMT overrides need and transformers lacks."""
+    missing = []
+    for name, arguments in _BEAM_HELPERS.items():
+        helper = getattr(GenerationMixin, name, None)
+        have = set(inspect.signature(helper).parameters) if callable(helper) else set()
+        missing += [f"{name}({', '.join(sorted(arguments - have))})"] if arguments - have else []
+    return missing
+
+
+def _gnmt_penalty_error(problem: str) -> RuntimeError:
+    return RuntimeError(
+        f"GNMT's length penalty (length_penalty_type='gnmt', §6.1) cannot be applied with transformers "
+        f"{transformers.__version__}: {problem}. Install a transformers version this package declares, or pass "
+        "length_penalty_type='transformers' to rank beams by transformers' |Y|^alpha instead."
+    )
 
 
 class VanillaTransformerGenerationMixin(GenerationMixin):
@@ -94,23 +144,23 @@ class VanillaTransformerGenerationMixin(GenerationMixin):
         **kwargs: Any,
     ) -> Any:
         """`GenerationMixin.generate`, plus §6.1's per-input length limit and GNMT's length penalty (see
-        `paper_generation_config`), and on CPU in fp32 the oneDNN linears of `cpu_inference.onednn_decoding`.
+        `paper_generation_config`).
 
-        The length rule applies when the generation config has `max_length_offset` and the caller set neither
-        `max_length` nor `max_new_tokens`, as arguments or in a `generation_config` they pass. The model's own
-        `generation_config.max_length` does not count: transformers writes its default (20) there on its own
-        (Seq2SeqTrainer does, for one), so only `max_new_tokens` there, or `max_length_offset = None`, replaces
-        the rule with a fixed cap.
+        Every setting is read from the generation config as transformers merges it for the call (`generate()`'s
+        keyword arguments over the caller's `generation_config` over the model's saved one, custom keys included),
+        so `length_penalty_type` and `max_length_offset` may be passed in any of those ways, like any setting.
+        The length rule (input length + `max_length_offset`) applies unless a length limit is set: `max_new_tokens`
+        anywhere, or a `max_length` by the caller (an argument or in their `generation_config`). The model's own
+        `generation_config.max_length` does not count (see below); `max_length_offset=None` turns the rule off.
         """
-        config = generation_config if generation_config is not None else self.generation_config
+        config, _ = self._prepare_generation_config(generation_config, **kwargs)
         offset = getattr(config, "max_length_offset", None)
-        caller_set_length = (
-            kwargs.get("max_length") is not None
-            or kwargs.get("max_new_tokens") is not None
-            or config.max_new_tokens is not None
-            or (generation_config is not None and generation_config.max_length is not None)
+        # A `max_length` in the model's own config does not count: Seq2SeqTrainer saves every default of a
+        # generation config, `max_length: 20` included, so a trained checkpoint has one it never chose.
+        caller_max_length = kwargs.get("max_length") is not None or (
+            generation_config is not None and generation_config.max_length is not None
         )
-        if offset is not None and not caller_set_length:
+        if offset is not None and config.max_new_tokens is None and not caller_max_length:
             limits = self._source_lengths(inputs, kwargs) + offset
             if self.config.position_embedding_type == "learned":  # the decoder has no position past its table
                 limits = limits.clamp(max=self.config.max_position_embeddings)
@@ -119,17 +169,44 @@ class VanillaTransformerGenerationMixin(GenerationMixin):
             logits_processor = LogitsProcessorList(
                 [*(logits_processor or []), SourceLengthLimitLogitsProcessor(limits, eos)]
             )
-            kwargs["max_new_tokens"] = int(limits.max())
-            kwargs["max_length"] = None  # a max_length left in the config would only draw a warning
-        penalty_type = getattr(config, "length_penalty_type", None) or "transformers"
+            if generation_config is not None:  # set where the caller's settings are, not beside them
+                generation_config = copy.deepcopy(generation_config)
+                generation_config.max_new_tokens = int(limits.max())
+            else:
+                kwargs["max_new_tokens"] = int(limits.max())
+        call = _PenaltyCall(config.length_penalty_type)
+        gnmt_beams = call.penalty_type == "gnmt" and (config.num_beams or 1) > 1 and config.length_penalty != 0
+        if gnmt_beams and _beam_helpers_missing():
+            raise _gnmt_penalty_error(f"GenerationMixin lacks {', '.join(_beam_helpers_missing())}")
+        token = _penalty_call.set(call)
+        try:
+            output = super().generate(inputs, generation_config, logits_processor, **kwargs)
+        finally:
+            _penalty_call.reset(token)
+        if gnmt_beams and call.applied != set(_BEAM_HELPERS):
+            not_called = ", ".join(sorted(set(_BEAM_HELPERS) - call.applied))
+            raise _gnmt_penalty_error(f"its beam search did not call {not_called}, so beams were ranked by |Y|^alpha")
+        return output
+
+    def _prepare_generation_config(
+        self, generation_config: GenerationConfig | None, **kwargs: Any
+    ) -> tuple[GenerationConfig, dict[str, Any]]:
+        """transformers' merge of the call's settings, and §6.1's keys checked. transformers moves a keyword
+        argument into the config only where the config already has that key; one of §6.1's keys given to a model
+        whose saved config lacks it (saved before the key existed) is moved here, rather than passed on to
+        `forward()`, which would ignore it."""
+        generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
+        for key in PAPER_GENERATION_KEYS:
+            if key in model_kwargs:
+                setattr(generation_config, key, model_kwargs.pop(key))
+        penalty_type = getattr(generation_config, "length_penalty_type", None) or "transformers"
         if penalty_type not in LENGTH_PENALTY_TYPES:
             raise ValueError(f"length_penalty_type must be one of {LENGTH_PENALTY_TYPES}, got {penalty_type!r}.")
-        token = _length_penalty_type.set(penalty_type)
-        try:
-            with onednn_decoding(self):  # the one point where CPU speed is applied; a no-op elsewhere
-                return super().generate(inputs, generation_config, logits_processor, **kwargs)
-        finally:
-            _length_penalty_type.reset(token)
+        generation_config.length_penalty_type = penalty_type
+        offset = getattr(generation_config, "max_length_offset", None)
+        if offset is not None and (isinstance(offset, bool) or not isinstance(offset, int) or offset < 1):
+            raise ValueError(f"max_length_offset must be a positive integer or None, got {offset!r}.")
+        return generation_config, model_kwargs
 
     def _source_lengths(self, inputs: Tensor | None, kwargs: dict[str, Any]) -> Tensor:
         """Tokens per source row: from the attention mask, else the non-padding ids, else the encoder output."""
@@ -146,7 +223,8 @@ class VanillaTransformerGenerationMixin(GenerationMixin):
     def _update_finished_beams(self, **kwargs: Any) -> Any:
         """transformers' helper, with finished hypotheses scored by the call's length penalty (see `length_penalty`)."""
         length = kwargs["cur_len"] + 1 - kwargs["decoder_prompt_len"]
-        kwargs["topk_log_probs"] = kwargs["topk_log_probs"] * _to_penalty_type(length, kwargs["length_penalty"])
+        factor = _to_penalty_type("_update_finished_beams", length, kwargs["length_penalty"])
+        kwargs["topk_log_probs"] = kwargs["topk_log_probs"] * factor
         return super()._update_finished_beams(**kwargs)
 
     @staticmethod
@@ -157,7 +235,7 @@ class VanillaTransformerGenerationMixin(GenerationMixin):
             length = kwargs["max_length"] - kwargs["decoder_prompt_len"]
         else:
             length = kwargs["cur_len"] - kwargs["decoder_prompt_len"]
-        factor = _to_penalty_type(length, kwargs["length_penalty"])
+        factor = _to_penalty_type("_check_early_stop_heuristic", length, kwargs["length_penalty"])
         kwargs["running_beam_scores"] = kwargs["running_beam_scores"] * factor
         return GenerationMixin._check_early_stop_heuristic(**kwargs)
 
@@ -189,6 +267,7 @@ class VanillaTransformerGenerationMixin(GenerationMixin):
 
 __all__ = [
     "LENGTH_PENALTY_TYPES",
+    "PAPER_GENERATION_KEYS",
     "SourceLengthLimitLogitsProcessor",
     "VanillaTransformerGenerationMixin",
     "length_penalty",

@@ -7,7 +7,16 @@ import copy
 import pytest
 import torch
 from conftest import BOS, EOS, PAD, VOCAB, decode_step_by_step, random_batch, tiny_model
-from transformers import AttentionInterface, AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
+from datasets import Dataset
+from transformers import (
+    AttentionInterface,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    GenerationConfig,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    pipeline,
+)
 from transformers.generation import LogitsProcessor, LogitsProcessorList
 from transformers.generation.utils import GenerationMixin
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -23,10 +32,10 @@ def _trimmed(sequence: torch.Tensor) -> list[int]:
     return tokens[: tokens.index(EOS) + 1] if EOS in tokens[1:] else tokens
 
 
-def _certain_model(token: int):
+def _certain_model(token: int, vocab_size: int = VOCAB):
     """A model whose decoder output is one fixed vector that only `token`'s embedding sees: every step's argmax is
     `token`, with a margin no search can overturn, so the output is known exactly."""
-    model = tiny_model(seed=11)
+    model = tiny_model(seed=11, vocab_size=vocab_size)
     with torch.no_grad():
         emb = model.model.encoder.embed_tokens.weight  # tied: also the output projection
         emb[:, 0] = 0.0
@@ -177,6 +186,154 @@ def test_beam_search_ranks_by_the_chosen_length_penalty(penalty_type, expected, 
         assert out.sequences_scores[row].item() == pytest.approx(score, abs=1e-6)
     assert length_penalty(6, 0.6, "gnmt") == pytest.approx((11 / 6) ** 0.6)
     assert length_penalty(6, 0.6, "transformers") == pytest.approx(6**0.6)
+
+
+# ------------------------------------------------------------------ every way of passing a setting (issue #26)
+#
+# transformers merges a call's settings as keyword arguments over the caller's `generation_config` over the model's
+# saved one, custom keys included (`GenerationMixin._prepare_generation_config`). §6.1's two keys must behave like any
+# setting under every way of passing them: each way below is checked for the length rule (output length) and for the
+# length penalty's form (which of two scripted hypotheses wins), against the outcome the settings must give.
+
+PAPER = {}  # the saved defaults: GNMT's penalty, input length + 50
+THEIRS = {"length_penalty_type": "transformers", "max_length_offset": 3}
+
+
+def _by_default(model, inputs, settings, extra):
+    for key, value in settings.items():
+        setattr(model.generation_config, key, value)
+    return model.generate(**inputs, num_beams=2, **extra)
+
+
+def _by_callers_config(model, inputs, settings, extra):
+    """The documented way: the caller's config holds only what they set; the rest comes from the model's."""
+    lengths = {key: extra.pop(key) for key in ("max_new_tokens",) if key in extra}
+    return model.generate(**inputs, generation_config=GenerationConfig(num_beams=2, **settings, **lengths), **extra)
+
+
+def _by_kwargs(model, inputs, settings, extra):
+    return model.generate(**inputs, num_beams=2, **settings, **extra)
+
+
+def _by_kwargs_to_a_config_saved_without_the_keys(model, inputs, settings, extra):
+    """A checkpoint saved before the keys existed: a kwarg must still reach the config, not forward()."""
+    for key in ("length_penalty_type", "max_length_offset"):
+        delattr(model.generation_config, key)
+    paper = {"length_penalty_type": "gnmt", "max_length_offset": 50}
+    return model.generate(**inputs, num_beams=2, **{**paper, **settings}, **extra)
+
+
+def _by_seq2seq_trainer(model, inputs, settings, extra, tmp_path):
+    """Seq2SeqTrainer's `generation_config` argument replaces the model's config (its documented priority); the
+    predictions come from generate() with the trainer's gen_kwargs (here the scripted scores)."""
+    saved = copy.deepcopy(model.generation_config)
+    for key, value in settings.items():
+        setattr(saved, key, value)
+    saved.num_beams = 2
+    saved.save_pretrained(tmp_path / "generation")
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path / "out"), generation_config=str(tmp_path / "generation"), predict_with_generate=True,
+        per_device_eval_batch_size=8, report_to=[], use_cpu=True,
+    )  # fmt: skip
+    trainer = Seq2SeqTrainer(model=model, args=args)
+    rows = [{"input_ids": ids, "attention_mask": mask} for ids, mask in zip(*inputs.values(), strict=True)]
+    predictions = trainer.predict(Dataset.from_list(rows), **extra).predictions
+    return torch.as_tensor(predictions).masked_fill(torch.as_tensor(predictions) == -100, PAD)
+
+
+WAYS = {
+    "saved defaults": _by_default,
+    "caller's GenerationConfig": _by_callers_config,
+    "generate() kwargs": _by_kwargs,
+    "kwargs, config saved without the keys": _by_kwargs_to_a_config_saved_without_the_keys,
+    "Seq2SeqTrainer generation_config": _by_seq2seq_trainer,
+}
+
+
+def _call(way, model, inputs, settings, extra, tmp_path):
+    if way == "Seq2SeqTrainer generation_config":
+        return WAYS[way](model, inputs, settings, extra, tmp_path)
+    return WAYS[way](model, inputs, settings, extra)
+
+
+@pytest.mark.parametrize("settings", [PAPER, THEIRS], ids=["paper", "transformers+3"])
+@pytest.mark.parametrize("way", list(WAYS))
+def test_every_way_of_passing_a_setting_gives_its_length_rule(way, settings, tmp_path):
+    """Output length = input length + the offset in force (50 by default), whichever way the settings came."""
+    model = _certain_model(7)
+    input_ids, attention_mask, _ = random_batch(batch=2)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    out = _call(way, model, inputs, dict(settings), {}, tmp_path)
+    offset = settings.get("max_length_offset", 50)
+    for row in range(2):
+        assert _trimmed(out[row]) == [BOS] + [7] * (int(attention_mask[row].sum()) + offset - 1) + [EOS]
+
+
+@pytest.mark.parametrize("settings", [PAPER, THEIRS], ids=["paper", "transformers+3"])
+@pytest.mark.parametrize("way", list(WAYS))
+def test_every_way_of_passing_a_setting_gives_its_length_penalty(way, settings, tmp_path):
+    """The scripted scores' hypotheses A (short) and B (long) rank in opposite orders under the two penalties."""
+    model = tiny_model(seed=4)
+    input_ids, attention_mask, _ = random_batch(seed=5, batch=2)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    extra = {"logits_processor": LogitsProcessorList([_ScriptedScores()]), "max_new_tokens": 9}
+    out = _call(way, model, inputs, dict(settings), extra, tmp_path)
+    gnmt = settings.get("length_penalty_type", "gnmt") == "gnmt"
+    expected = [BOS, 5, EOS] if gnmt else [BOS, 6, 7, 7, 7, 7, EOS]
+    assert [_trimmed(row) for row in out] == [expected, expected]
+
+
+@pytest.mark.parametrize("settings", [PAPER, THEIRS], ids=["paper", "transformers+3"])
+def test_pipeline_kwargs_are_settings_like_any_other(saved_model_and_tokenizer, settings):
+    _, _, tokenizer = saved_model_and_tokenizer
+    model = _certain_model(7, vocab_size=len(tokenizer))
+    translator = pipeline("translation", model=model, tokenizer=tokenizer)
+    text = "the cat sat"
+    length = len(tokenizer(text).input_ids) + settings.get("max_length_offset", 50) - 1
+    expected = tokenizer.decode([BOS] + [7] * length + [EOS], skip_special_tokens=True).strip()
+    assert translator(text, num_beams=2, **settings)[0]["translation_text"] == expected
+    scripted = {"logits_processor": LogitsProcessorList([_ScriptedScores()]), "max_new_tokens": 9}
+    ranked = tiny_model(seed=4, vocab_size=len(tokenizer))
+    winner = [BOS, 5, EOS] if settings.get("length_penalty_type", "gnmt") == "gnmt" else [BOS, 6, 7, 7, 7, 7, EOS]
+    translated = pipeline("translation", model=ranked, tokenizer=tokenizer)(text, num_beams=2, **settings, **scripted)
+    assert translated[0]["translation_text"] == tokenizer.decode(winner, skip_special_tokens=True).strip()
+
+
+def test_a_settings_value_is_checked_whichever_way_it_came():
+    model = tiny_model()
+    input_ids, attention_mask, _ = random_batch(seed=5, batch=1)
+    with pytest.raises(ValueError, match="'wu'"):
+        model.generate(input_ids, attention_mask=attention_mask, length_penalty_type="wu")
+    with pytest.raises(ValueError, match="max_length_offset must be a positive integer or None, got -2"):
+        model.generate(input_ids, generation_config=GenerationConfig(max_length_offset=-2))
+
+
+# ------------------------------------------------------------------ the guard on the private beam-search helpers
+
+
+def test_gnmt_beams_refuse_a_transformers_without_the_helpers(monkeypatch):
+    """A release that renames a helper (or its arguments) would silently give |Y|^alpha back: refused before
+    decoding, naming the version."""
+    import transformers
+
+    model = tiny_model(seed=4)
+    input_ids, attention_mask, _ = random_batch(seed=5, batch=1)
+    monkeypatch.delattr(GenerationMixin, "_update_finished_beams")
+    with pytest.raises(RuntimeError, match=f"transformers {transformers.__version__}.*_update_finished_beams"):
+        model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=3)
+    # Greedy search does not use the overrides: it still decodes.
+    three = {"attention_mask": attention_mask, "max_new_tokens": 3, "min_new_tokens": 3}
+    assert model.generate(input_ids, num_beams=1, **three).shape == (1, 4)
+
+
+def test_gnmt_beams_refuse_a_beam_search_that_never_called_the_overrides(monkeypatch):
+    """A release whose beam search stops calling a helper (keeping its name): refused after the call."""
+    model = tiny_model(seed=4)
+    input_ids, attention_mask, _ = random_batch(seed=5, batch=1)
+    original = GenerationMixin._check_early_stop_heuristic
+    monkeypatch.setattr(type(model), "_check_early_stop_heuristic", staticmethod(original))
+    with pytest.raises(RuntimeError, match="did not call _check_early_stop_heuristic"):
+        model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=3)
 
 
 def test_an_unknown_length_penalty_type_is_refused():
