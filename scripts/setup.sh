@@ -8,3 +8,13 @@ python3 -m venv .venv
 # unpinned torch would pull a multi-GB CUDA build.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+# The oldest transformers the package declares, in a folder of its own beside the newest that pip just installed:
+# tests/test_transformers_range.py runs the generation tests (which override private beam-search helpers) on it too,
+# so both ends of the declared range are tested.
+oldest=$(.venv/bin/python scripts/oldest_transformers.py)
+if [ "$(cat .venv/transformers-oldest/VERSION 2>/dev/null)" != "$oldest" ]; then
+    rm -rf .venv/transformers-oldest
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps \
+        --target .venv/transformers-oldest "transformers==$oldest"
+    echo "$oldest" > .venv/transformers-oldest/VERSION
+fi
