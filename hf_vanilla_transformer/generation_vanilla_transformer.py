@@ -206,6 +206,13 @@ class VanillaTransformerGenerationMixin(GenerationMixin):
         offset = getattr(generation_config, "max_length_offset", None)
         if offset is not None and (isinstance(offset, bool) or not isinstance(offset, int) or offset < 1):
             raise ValueError(f"max_length_offset must be a positive integer or None, got {offset!r}.")
+        if generation_config.cache_implementation not in (None, "dynamic"):
+            # A static cache hands the decoder 4-D masks sized for the whole cache, and beam search here shares one
+            # encoder output per input (`rows_per_source`); neither is built for it, so it is refused, not run.
+            raise ValueError(
+                f"cache_implementation={generation_config.cache_implementation!r} is not supported by this model: "
+                "it decodes with transformers' dynamic cache (cache_implementation=None or 'dynamic')."
+            )
         return generation_config, model_kwargs
 
     def _source_lengths(self, inputs: Tensor | None, kwargs: dict[str, Any]) -> Tensor:

@@ -6,13 +6,14 @@ last. Axes in shape comments: B batch, S source length, T target length (new tok
 cache), P past target length in the cache, D d_model, H heads, Dh = D / H (d_k = d_v), V vocabulary.
 
 Imported beside it (`save_pretrained` copies them too): `losses.py` (the §5.4 loss, plain and fused with the
-output projection), `generation_vanilla_transformer.py` (how `generate()` applies §6.1 inside transformers' beam
-search) and `cpu_inference.py` (the CPU speed `generate()` applies for its call).
+output projection) and `generation_vanilla_transformer.py` (how `generate()` applies §6.1 inside transformers' beam
+search). CPU speed is not here: `cpu_inference.optimize_for_cpu_inference` converts a finished model, on purpose.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -21,13 +22,21 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import Tensor, nn
-from transformers import AttentionInterface, GenerationConfig, PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput, Seq2SeqModelOutput
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPastAndCrossAttentions,
+    Seq2SeqLMOutput,
+    Seq2SeqModelOutput,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_vanilla_transformer import VanillaTransformerConfig
 from .generation_vanilla_transformer import VanillaTransformerGenerationMixin
@@ -102,6 +111,7 @@ class VanillaTransformerEncoder(VanillaTransformerStack):
     def __init__(self, config: VanillaTransformerConfig) -> None:
         super().__init__(config, [VanillaTransformerEncoderLayer(config, i) for i in range(config.encoder_layers)])
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: Tensor | None = None,
@@ -109,9 +119,8 @@ class VanillaTransformerEncoder(VanillaTransformerStack):
         inputs_embeds: Tensor | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs: Any,
-    ) -> BaseModelOutput | tuple:
+    ) -> BaseModelOutput:
         """input_ids (B, S) and attention_mask (B, S; 1 for tokens, 0 for padding). Returns (B, S, D)."""
         batch_size, src_len = _batch_and_length(input_ids, inputs_embeds, "input_ids")
         _check_mask("attention_mask", attention_mask, batch_size, src_len)
@@ -128,12 +137,11 @@ class VanillaTransformerEncoder(VanillaTransformerStack):
             all_attentions.append(weights)
         hidden_states = self.final_norm(hidden_states)
         all_hidden.append(hidden_states)
-        output = BaseModelOutput(
+        return BaseModelOutput(
             last_hidden_state=hidden_states,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
             attentions=tuple(all_attentions) if output_attentions else None,
         )
-        return output if return_dict is not False else output.to_tuple()
 
 
 class VanillaTransformerDecoder(VanillaTransformerStack):
@@ -143,6 +151,7 @@ class VanillaTransformerDecoder(VanillaTransformerStack):
     def __init__(self, config: VanillaTransformerConfig) -> None:
         super().__init__(config, [VanillaTransformerDecoderLayer(config, i) for i in range(config.decoder_layers)])
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: Tensor | None = None,
@@ -155,10 +164,10 @@ class VanillaTransformerDecoder(VanillaTransformerStack):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         **kwargs: Any,
-    ) -> dict[str, Any]:
+    ) -> BaseModelOutputWithPastAndCrossAttentions:
         """input_ids (B, T), attention_mask (B, P + T), encoder_hidden_states (B, S, D) or, with several decoder rows
-        per source, (B / g, S, D); encoder_attention_mask likewise (B or B / g, S). Returns a dict with
-        last_hidden_state (B, T, D) and the cache."""
+        per source, (B / g, S, D); encoder_attention_mask likewise (B or B / g, S). Returns last_hidden_state
+        (B, T, D) and the cache."""
         batch_size, tgt_len = _batch_and_length(input_ids, inputs_embeds, "decoder_input_ids")
         if use_cache and past_key_values is None:
             past_key_values = EncoderDecoderCache(DynamicCache(), DynamicCache())
@@ -194,13 +203,13 @@ class VanillaTransformerDecoder(VanillaTransformerStack):
             cross_attentions.append(cross_weights)
         hidden_states = self.final_norm(hidden_states)
         all_hidden.append(hidden_states)
-        return {
-            "last_hidden_state": hidden_states,
-            "past_key_values": past_key_values if use_cache else None,
-            "hidden_states": tuple(all_hidden) if output_hidden_states else None,
-            "attentions": tuple(self_attentions) if output_attentions else None,
-            "cross_attentions": tuple(cross_attentions) if output_attentions else None,
-        }
+        return BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=hidden_states,
+            **{CACHE_FIELD: past_key_values if use_cache else None},
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(self_attentions) if output_attentions else None,
+            cross_attentions=tuple(cross_attentions) if output_attentions else None,
+        )
 
 
 class VanillaTransformerEncoderLayer(GradientCheckpointingLayer):
@@ -395,14 +404,6 @@ def _attend(
     return output.transpose(1, 2).contiguous(), weights
 
 
-# transformers' attention functions ("sdpa", "flex_attention", "flash_attention_2", ...) plus additive attention. A
-# copy of transformers' interface (it reads the same global table, so functions users register there are found) with
-# one local entry, leaving transformers' table as it was. "eager" is not in the table: `get_interface` falls back to
-# `scaled_dot_product_attention` for it. (The name is transformers': `set_attn_implementation` looks for it here.)
-ALL_ATTENTION_FUNCTIONS = AttentionInterface()
-ALL_ATTENTION_FUNCTIONS["additive"] = additive_attention
-
-
 # §3.2.2 Multi-head attention, and §3.2.3 its three uses ---------------------------------------------------------------
 
 
@@ -453,8 +454,15 @@ class VanillaTransformerAttention(nn.Module):
         key, value = self._keys_values(key_value_states if self.is_cross else hidden_states, past_key_values)
         group = query.shape[0] // key.shape[0]  # decoder rows per source (`rows_per_source`); 1 but in beam search
         query = self._queries_per_source(query, group)
-        implementation = "additive" if self.attention_type == "additive" else self.config._attn_implementation
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, scaled_dot_product_attention)
+        # One dispatch through transformers' table of implementations of the same function ("sdpa", "flex_attention",
+        # "flash_attention_2", whatever a user registers), chosen by `attn_implementation`; "eager" is
+        # `scaled_dot_product_attention`. Additive attention is another function with its own parameters (a model
+        # variant, chosen by `attention_type`), not an implementation: it is not registered there.
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, scaled_dot_product_attention
+        )
+        if self.attention_type == "additive":
+            attention = additive_attention
         dropout = self.dropout if self.training else 0.0
         output, weights = attention(self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling)
         if group > 1:  # back to one row per decoder row: (B, g * Tq, H, Dh) -> (B * g, Tq, H, Dh)
@@ -568,21 +576,24 @@ class VanillaTransformerPreTrainedModel(PreTrainedModel):
         `AutoModelForSeq2SeqLM` but not `AutoModel` where the package is not installed (`trust_remote_code=True`).
         The bare model is in the same code file, and `from_pretrained` strips the `model.` prefix for it.
 
-        A model sharded with FSDP2 (`fully_shard`) is an instance of a subclass that torch defines (`FSDP<Name>`):
-        while saving it is this package's class again, or the folder would get torch's FSDP files as its code. Give
-        such a model's gathered weights as `state_dict` (`Accelerator.get_state_dict`)."""
-        sharded = type(self)
-        own = next(cls for cls in sharded.__mro__ if cls.__module__ == VanillaTransformerPreTrainedModel.__module__)
-        if own is not sharded:
-            self.__class__ = own
-            try:
-                return self.save_pretrained(save_directory, *args, **kwargs)
-            finally:
-                self.__class__ = sharded
+        A model sharded with FSDP2 (`fully_shard`) is an instance of a subclass that torch defines (`FSDP<Name>`, see
+        `is_remote_code`): its code, copied here, is this package's. Give its gathered weights as `state_dict`
+        (`Accelerator.get_state_dict`)."""
         if self._auto_class is not None:
-            bare = f"{type(self).__module__.rsplit('.', 1)[-1]}.VanillaTransformerModel"
+            bare = f"{_own_class(type(self)).__module__.rsplit('.', 1)[-1]}.VanillaTransformerModel"
             self.config.auto_map = {"AutoModel": bare, **(getattr(self.config, "auto_map", None) or {})}
+            if _own_class(type(self)) is not type(self) and kwargs.get("is_main_process", True):
+                os.makedirs(save_directory, exist_ok=True)
+                # Only the class is read (its module, name and `_auto_class`): an instance without `__init__`.
+                custom_object_save(object.__new__(_own_class(type(self))), save_directory, config=self.config)
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def is_remote_code(cls) -> bool:
+        """Whether transformers copies the class's code beside its weights. Not for a subclass that torch defines
+        (FSDP2's `FSDP<Name>`): transformers would copy torch's files as the model's code; `save_pretrained`
+        copies this package's for it."""
+        return super().is_remote_code() and _own_class(cls) is cls
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -632,6 +643,7 @@ class VanillaTransformerModel(VanillaTransformerPreTrainedModel):
         if self.config.tie_word_embeddings:
             self.decoder.embed_tokens = value
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: Tensor | None = None,
@@ -645,11 +657,10 @@ class VanillaTransformerModel(VanillaTransformerPreTrainedModel):
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         rows_per_source: int = 1,
         cache: Cache | None = None,
         **kwargs: Any,
-    ) -> Seq2SeqModelOutput | tuple:
+    ) -> Seq2SeqModelOutput:
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(B, S)`), attention_mask (`(B, S)`, 1 for tokens, 0 for padding).
@@ -698,7 +709,7 @@ class VanillaTransformerModel(VanillaTransformerPreTrainedModel):
             encoder_hidden_states = encoder_hidden_states.repeat_interleave(rows_per_source, dim=0)
             if attention_mask is not None:
                 attention_mask = attention_mask.repeat_interleave(rows_per_source, dim=0)
-        decoder_outputs = self.decoder(
+        decoder_outputs: BaseModelOutputWithPastAndCrossAttentions = self.decoder(
             input_ids=decoder_input_ids,
             attention_mask=decoder_attention_mask,
             encoder_hidden_states=encoder_hidden_states,
@@ -709,17 +720,16 @@ class VanillaTransformerModel(VanillaTransformerPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
         )
-        output = Seq2SeqModelOutput(
-            last_hidden_state=decoder_outputs["last_hidden_state"],
-            **{CACHE_FIELD: decoder_outputs["past_key_values"]},
-            decoder_hidden_states=decoder_outputs["hidden_states"],
-            decoder_attentions=decoder_outputs["attentions"],
-            cross_attentions=decoder_outputs["cross_attentions"],
+        return Seq2SeqModelOutput(
+            last_hidden_state=decoder_outputs.last_hidden_state,
+            **{CACHE_FIELD: getattr(decoder_outputs, CACHE_FIELD)},
+            decoder_hidden_states=decoder_outputs.hidden_states,
+            decoder_attentions=decoder_outputs.attentions,
+            cross_attentions=decoder_outputs.cross_attentions,
             encoder_last_hidden_state=encoder_hidden_states,
             encoder_hidden_states=encoder_outputs.hidden_states,
             encoder_attentions=encoder_outputs.attentions,
         )
-        return output if return_dict is not False else output.to_tuple()
 
 
 class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedModel, VanillaTransformerGenerationMixin):
@@ -758,6 +768,7 @@ class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedMod
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: Tensor | None = None,
@@ -772,12 +783,11 @@ class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedMod
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         return_logits: bool | None = None,
         rows_per_source: int = 1,
         cache: Cache | None = None,
         **kwargs: Any,
-    ) -> Seq2SeqLMOutput | tuple:
+    ) -> Seq2SeqLMOutput:
         r"""
         Args are those of [`VanillaTransformerModel.forward`], plus:
             labels (`torch.LongTensor` of shape `(B, T)`, *optional*): target ids, -100 where ignored. Without
@@ -820,14 +830,13 @@ class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedMod
             return_logits = not (self.fused_training_loss and self.training and torch.is_grad_enabled())
         if labels is not None and not return_logits and can_fuse(self.lm_head):
             loss = fused_linear_cross_entropy(hidden_states, self.lm_head.weight, labels, epsilon)
-        else:  # also where the fused loss steps aside (a hooked or sharded output projection)
+        else:  # also where the fused loss steps aside (a wrapped, hooked or sharded output projection)
             logits = self.lm_head(hidden_states)  # (B, T, D) -> (B, T, V)
             if labels is not None:
                 loss = label_smoothed_cross_entropy(logits, labels, epsilon)
             logits = logits if return_logits or labels is None else None  # no loss to return instead
         rest = {key: value for key, value in outputs.items() if key != "last_hidden_state"}  # cache, states, weights
-        output = Seq2SeqLMOutput(loss=loss, logits=logits, **rest)
-        return output if return_dict is not False else output.to_tuple()
+        return Seq2SeqLMOutput(loss=loss, logits=logits, **rest)
 
     def prepare_decoder_input_ids_from_labels(self, labels: Tensor) -> Tensor:
         """Used by `DataCollatorForSeq2Seq(model=...)`: Trainer's label smoothing pops `labels` before forward."""
@@ -922,6 +931,11 @@ def _one_cache(cache: Cache | None, past_key_values: Cache | None, extra: dict[s
     if cache is not None and past_key_values is not None and cache is not past_key_values:
         raise ValueError("Pass the decoding cache once, as `cache` or as `past_key_values` (its name before 5.24).")
     return cache if cache is not None else past_key_values
+
+
+def _own_class(cls: type) -> type:
+    """The class itself, or, for a subclass that torch made of it (FSDP2's `FSDP<Name>`), the class it was made of."""
+    return next(base for base in cls.__mro__ if not base.__module__.startswith("torch."))
 
 
 def _check_token_ids(name: str, ids: Tensor, vocab_size: int) -> None:
