@@ -2,10 +2,11 @@
 process, on the cases it targets. `run.py` runs this as part of every full run (`--levers-only` runs just this).
 
 The levers and their off switches:
-- ``onednn_decoding`` (`cpu_inference.py`): generation with oneDNN stand-ins for the step linears, reordered weights
-  included, against `torch.backends.mkldnn.flags(enabled=False)` (the documented off switch: plain `nn.Linear`).
-- ``reordered_weights``: the same stand-ins without keeping oneDNN's layout of the weights (oneDNN then reorders
-  inside every call of more than one row), against with it.
+- ``onednn_linears`` (`cpu_inference.py`): generation by a model converted with `optimize_for_cpu_inference`, as
+  the pipelines run it (oneDNN stand-ins for the linears, reordered weights included), against the same weights
+  unconverted (plain `nn.Linear`).
+- ``reordered_weights``: a converted model that never keeps oneDNN's layout of the weights (oneDNN then reorders
+  inside every call of more than one row), against one that keeps it.
 - ``fused_loss`` (`losses.py`): a training step as `train.py` runs it (`fused_training_loss`), against the plain
   loss on full (B, T, V) logits: speed under glibc's default allocator and under `train.py`'s settings
   (`common.ALLOCATOR_ENV`), and the peak memory (RSS) of two steps, each variant alone in a fresh process.
@@ -17,12 +18,14 @@ peak(on); the project keeps a lever only while one of them is at least 1.10 on s
 from __future__ import annotations
 
 import contextlib
+import copy
 import statistics
 from collections.abc import Callable, Iterator
 from typing import Any
 from unittest import mock
 
 import torch
+from torch import nn
 
 from benchmarks import common
 from hf_vanilla_transformer import cpu_inference
@@ -30,25 +33,39 @@ from hf_vanilla_transformer import cpu_inference
 KEEP_THRESHOLD = 1.10
 
 
-@contextlib.contextmanager
-def _onednn_off() -> Iterator[None]:
-    with torch.backends.mkldnn.flags(enabled=False):
-        yield
-
-
 def _reorder_off() -> contextlib.AbstractContextManager:
     return mock.patch.object(cpu_inference, "_ONEDNN_REORDER", None)
 
 
-GENERATION_LEVERS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
-    "onednn_decoding": _onednn_off,
-    "reordered_weights": _reorder_off,
-}
+def generation_variants(size: str) -> dict[str, tuple[nn.Module, Callable[[], contextlib.AbstractContextManager]]]:
+    """The model as the pipelines run it ("on": converted by `optimize_for_cpu_inference`) and, per generation lever,
+    a copy of its weights with that lever off, each with the context its calls run in. Separate models, not a
+    conversion undone and redone between calls: the kept layouts outlive a call, as they do for a user."""
+    plain = common.build_ours(size).eval()
+    converted = cpu_inference.optimize_for_cpu_inference(copy.deepcopy(plain))
+    never_reordered = cpu_inference.optimize_for_cpu_inference(copy.deepcopy(plain))  # only ever run under the patch
+    return {
+        "on": (converted, contextlib.nullcontext),
+        "onednn_linears": (plain, contextlib.nullcontext),
+        "reordered_weights": (never_reordered, _reorder_off),
+    }
+
+
+def _generating(
+    model: nn.Module, make: Callable[[], contextlib.AbstractContextManager], inputs: dict, outputs: list
+) -> Callable[[int], None]:
+    """A timed call: `model.generate(**inputs)` in the context `make()` gives, its output appended to `outputs`."""
+
+    def run(_index: int) -> None:
+        with make():
+            outputs.append(model.generate(**inputs))
+
+    return run
 
 
 def _alternate(variants: dict[str, Callable[[], contextlib.AbstractContextManager]], run, repeats: int) -> dict:
     """`common.alternate` of `run(index)` under each variant (on, off1, off2, on, ...), its context entered around
-    each call: a patch or a backend flag, microseconds against the milliseconds of a call."""
+    each call: a patch or a flag, microseconds against the milliseconds of a call."""
 
     def under(make: Callable[[], contextlib.AbstractContextManager]) -> Callable[[int], None]:
         def call(index: int) -> None:
@@ -74,20 +91,18 @@ def _speedups(times: dict[str, list[float]]) -> dict[str, Any]:
 
 def generation_levers(size: str, batch_sizes: tuple[int, ...], new_tokens: int, repeats: int) -> dict[str, Any]:
     """Per generation case, the speed-up of each generation lever (and whether all variants found the same tokens)."""
-    model = common.build_ours(size).eval()
-    variants = {"on": contextlib.nullcontext, **GENERATION_LEVERS}
+    variants = generation_variants(size)
+    vocab_size = variants["on"][0].config.vocab_size
     results: dict[str, Any] = {}
     for mode, beams in common.GENERATION_CASES:
         config = common.fixed_length_generation_config(beams, new_tokens)
         for batch_size in batch_sizes:
-            input_ids, attention_mask = common.source_batch(model.config.vocab_size, batch_size, seed=batch_size)
+            input_ids, attention_mask = common.source_batch(vocab_size, batch_size, seed=batch_size)
             outputs: list[torch.Tensor] = []
-
-            def run(_index: int, ids=input_ids, mask=attention_mask, config=config, outputs=outputs) -> None:
-                outputs.append(model.generate(input_ids=ids, attention_mask=mask, generation_config=config))
-
+            inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "generation_config": config}
+            runs = {name: _generating(model, make, inputs, outputs) for name, (model, make) in variants.items()}
             with torch.inference_mode():
-                times = _alternate(variants, run, repeats)
+                times = common.alternate(runs, repeats)
             results[f"{mode}_b{batch_size}"] = {
                 **_speedups(times),
                 "same_output": all(torch.equal(output, outputs[0]) for output in outputs),

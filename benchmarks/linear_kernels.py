@@ -1,5 +1,5 @@
 """The linear layers of a decoding step: torch's default (`F.linear`, MKL) against oneDNN's fp32 linear, the kernel
-`cpu_inference.OneDNNLinear` runs inside `generate()` on CPU.
+`cpu_inference.OneDNNLinear` runs on CPU in a model converted by `optimize_for_cpu_inference`.
 
     python benchmarks/linear_kernels.py [--sizes small,base] [--rows 1,4,16,64] [--rounds 25]
 
@@ -9,8 +9,8 @@ cache. This measures the kernels in that state: each round runs one decoder's wo
 projection, and so on
 for `--rounds` rounds; the kernels alternate round by round. It prints microseconds per call (median over rounds)
 for each matrix shape: `F.linear`; oneDNN on the plain weight, which it reorders into its blocked layout inside
-every call of more than one row; oneDNN on a weight reordered beforehand, as `OneDNNLinear` keeps it within a
-`generate()` call; and the ratios.
+every call of more than one row; oneDNN on a weight reordered beforehand, as `OneDNNLinear` keeps it; and the
+ratios.
 """
 
 from __future__ import annotations

@@ -171,7 +171,9 @@ def run_ours(args: argparse.Namespace, out: Path) -> dict:
     train.main(argv)
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    model = AutoModelForSeq2SeqLM.from_pretrained(out)
+    from hf_vanilla_transformer.cpu_inference import optimize_for_cpu_inference
+
+    model = optimize_for_cpu_inference(AutoModelForSeq2SeqLM.from_pretrained(out))  # as the pipelines translate
     tokenizer = AutoTokenizer.from_pretrained(out)
     state = json.loads((out / "trainer_state.json").read_text())
     return {"model": model, "tokenizer": tokenizer, "log_history": state["log_history"], "command": argv}

@@ -1,32 +1,39 @@
-"""CPU speed for decoding, applied to a finished model from outside it, for the length of one `generate()` call.
+"""CPU speed for inference, applied to a finished model from outside it, once, by a call made on purpose.
 
-`onednn_decoding(model)` swaps each plain `nn.Linear` that a decoding step runs (the decoder's, but for the
-cross-attention key and value projections, whose output is cached, and the output projection) for a
-`OneDNNLinear` holding the same parameters (those large enough to repay oneDNN's cost per call:
-`MIN_WEIGHT_ENTRIES`), and puts the originals back when the call ends; the model's
-`generate()` enters it. It applies on CPU in fp32, where torch was built with oneDNN and `torch.backends.mkldnn`
-is enabled; elsewhere, and while compiling, it does nothing. `torch.backends.mkldnn.flags(enabled=False)` turns it
-off. This follows transformers' quantizer and kernels integrations: the modeling file keeps `nn.Linear`, and speed
-is a module swap at one documented point.
+`optimize_for_cpu_inference(model)` swaps each linear layer of the model that is provably a plain `nn.Linear`
+(below) for a `OneDNNLinear` holding the same parameter objects, so the state dict, `save_pretrained` and tying
+are unchanged; `restore_linears(model)` puts the `nn.Linear` modules back, for training again. Both change the model
+in place, return it, and may be called again (a second call changes nothing). The translation pipelines convert
+their model when built, as the CLI does; `generate()` and `forward()` never change the module tree, so a model
+served from several threads sees the same modules throughout. This follows transformers' quantizers
+(`replace_with_bnb_linear` swaps modules once, at load time) and CPU inference libraries (`ipex.optimize`).
+
+The conversion does nothing unless oneDNN is there and enabled and the model is on CPU in fp32 (`applies`). A layer is
+swapped only where that is provably safe: its type is exactly `nn.Linear` with no hooks, its weight and bias are plain
+dense CPU fp32 `nn.Parameter`s (not a DTensor, not a tensor subclass such as torchao's quantized weights, not meta), its
+weight has at least `MIN_WEIGHT_ENTRIES` entries, and its parent is a module of the model's own code: a layer another
+library put in a projection's place (a PEFT LoRA adapter, a quantized layer) runs as it is, with whatever it holds. A
+stand-in computes with oneDNN only without gradients, on CPU, in fp32, outside autocast and `torch.compile`, while
+`torch.backends.mkldnn` is enabled (`torch.backends.mkldnn.flags(enabled=False)` turns it off), and with `F.linear`, as
+the `nn.Linear` would, otherwise.
 
 Why by hand: a decoding step multiplies each weight matrix by a few rows, once, after the rest of the model has
 pushed it out of cache, and there torch's default fp32 GEMM (MKL) is far from the memory-bandwidth bound. oneDNN's
 linear, the kernel torch.compile's CPU backend emits for a frozen model, is faster in that state, the more so once
 the weight is kept in oneDNN's blocked layout (inductor's weight freezing stores the same layout): otherwise
-oneDNN reorders the weight inside every call of more than one row. `benchmarks/run.py --levers` measures both,
-whole `generate()` calls with and without; the results are in `benchmarks/README.md`.
+oneDNN reorders the weight inside every call of more than one row. `benchmarks/run.py --levers` measures whole
+`generate()` calls of a converted model against the same model unconverted; the results are in
+`benchmarks/README.md`.
 
-Why per call: the reordered copy is right only while the weight does not change, and nothing cheap tells when it
-does (fused AdamW writes parameters without bumping their version counter, nor does `weight.data.mul_`). Within
-one `generate()` call the weights are fixed. Every call makes fresh stand-ins, so no copy outlives its call. Calls
-from two threads on one model stay correct: a call finds the layers another call swapped already and leaves them
-alone, and when the first call puts the originals back the other one goes on with plain `nn.Linear`.
+Weights that change after the conversion: the kept layout is a copy, right only while the weight is unchanged. Each
+stand-in remembers the weight storage and version counter it copied, and makes the copy again when either differs
+(`load_state_dict`, an in-place op, a new parameter), and drops it at every forward with gradients: a training step
+runs one before its optimizer writes the weights, which fused AdamW does without bumping the version counter. A write
+that nothing tells of (`weight.data.mul_`, a fused optimizer step with no forward before it) is seen after
+`restore_linears` and a new conversion. The kept copies double the memory of the converted weights.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -55,39 +62,121 @@ MIN_WEIGHT_ENTRIES = 2**16
 
 
 class OneDNNLinear(nn.Linear):
-    """Stands in for one `nn.Linear` during one `generate()` call: the same `weight` and `bias` parameters (the state
-    dict is unchanged), computed by oneDNN's linear without gradients on CPU in fp32 and by `F.linear` otherwise.
+    """Stands in for one plain `nn.Linear`: the same `weight` and `bias` parameters (the state dict is unchanged),
+    computed by oneDNN's linear without gradients on CPU in fp32 outside autocast, and by `F.linear` otherwise.
 
-    At its first call of more than one row it keeps a copy of the weight in oneDNN's layout for that row count (the
-    layout serves any count), and uses it for the rest of the call. One-row calls read the plain weight as fast.
+    The weight is reordered into oneDNN's layout lazily, at the first call of more than one row (the layout serves any
+    row count; one-row calls read the plain weight as fast), and kept until the weight changes (module docstring).
+    Lazily rather than at the conversion: a forward with gradients drops the copy, so the copy must be made again on
+    use anyway, and a layer never run costs nothing. Two threads may both make it and both store it: either is right.
     """
 
-    def __init__(self, linear: nn.Linear, keep_layout: bool = True) -> None:
+    def __init__(self, linear: nn.Linear) -> None:
+        if type(linear) is not nn.Linear:
+            raise TypeError(f"OneDNNLinear stands in for a plain nn.Linear, not a {type(linear).__name__}.")
         nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight  # the same Parameter objects, not copies
         self.bias = linear.bias
-        self.keep_layout = keep_layout  # False for a layer run once a call: a reorder would cost more than it saves
-        self.reordered_weight: torch.Tensor | None = None
+        self.train(linear.training)
+        self.__dict__["_linear"] = linear  # put back by `restore_linears`; not a submodule, so not in the state dict
+        self._kept: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (weight's storage, its version, reordered)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if (
-            torch.is_grad_enabled()  # oneDNN's op has no backward
-            or not input.is_cpu
-            or input.dtype is not torch.float32
-            or self.weight.dtype is not torch.float32
-            or torch.compiler.is_compiling()  # inductor cannot lower this op; it picks its own GEMM
+        weight, bias = self.weight, self.bias
+        if torch.compiler.is_compiling():  # inductor cannot lower oneDNN's op; it picks its own GEMM
+            return F.linear(input, weight, bias)
+        if torch.is_grad_enabled():  # oneDNN's op has no backward; and a training step may change the weight
+            if self._kept is not None:
+                self._kept = None
+            return F.linear(input, weight, bias)
+        if not (
+            torch.backends.mkldnn.enabled
+            and not torch.is_autocast_enabled("cpu")  # autocast runs F.linear in its dtype (bf16), as nn.Linear does
+            and input.is_cpu
+            and input.dtype is torch.float32
+            and _plain_cpu_fp32(weight)
+            and (bias is None or _plain_cpu_fp32(bias))
         ):
-            return F.linear(input, self.weight, self.bias)
-        weight = self.weight if self.reordered_weight is None else self.reordered_weight
-        rows = input.numel() // self.in_features
-        if self.keep_layout and self.reordered_weight is None and rows > 1 and _ONEDNN_REORDER is not None:
-            self.reordered_weight = weight = _ONEDNN_REORDER(self.weight, rows)
-        return _ONEDNN_LINEAR(input, weight, self.bias, "none", [], "")
+            return F.linear(input, weight, bias)
+        return _ONEDNN_LINEAR(input, self._laid_out(weight, input.numel() // self.in_features), bias, "none", [], "")
+
+    def _laid_out(self, weight: torch.Tensor, rows: int) -> torch.Tensor:
+        """The kept reordered weight while it is still the weight's copy; else a new one (2+ rows) or the weight."""
+        kept = self._kept  # read once: another thread may replace it meanwhile
+        if kept is not None:
+            if kept[0].data_ptr() == weight.data_ptr() and kept[1] == weight._version:
+                return kept[2]  # the same storage (kept[0] holds it, so no other can take its address), unchanged
+            self._kept = None  # stale: let its memory go
+        if rows < 2 or _ONEDNN_REORDER is None:
+            return weight
+        version = weight._version  # read before the copy: a write during it makes the copy stale, and shows
+        reordered = _ONEDNN_REORDER(weight, rows)
+        self._kept = (weight.detach(), version, reordered)
+        return reordered
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_kept": None}  # oneDNN's layout cannot be copied or pickled; it is made again
+
+    def to_linear(self) -> nn.Linear:
+        """The `nn.Linear` this stood in for, holding this module's current parameters and training mode."""
+        linear = self._linear
+        linear.weight, linear.bias = self.weight, self.bias
+        return linear.train(self.training)
+
+
+def _plain_cpu_fp32(tensor: torch.Tensor) -> bool:
+    """A parameter that is a dense CPU fp32 tensor and nothing more: not a subclass (a DTensor, torchao's quantized
+    weights), not sparse or meta, and not an inference tensor (it has no version counter to tell of writes)."""
+    return (
+        type(tensor) is nn.Parameter
+        and tensor.layout is torch.strided
+        and tensor.is_cpu
+        and tensor.dtype is torch.float32
+        and not tensor.is_inference()
+    )
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    """Exactly an `nn.Linear`, with no hooks, plain parameters and at least `MIN_WEIGHT_ENTRIES` weights."""
+    hooked = (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or hasattr(module, "_hf_hook")  # accelerate's offloading and device-placement hooks
+    )
+    return (
+        type(module) is nn.Linear
+        and not hooked
+        and _plain_cpu_fp32(module.weight)
+        and (module.bias is None or _plain_cpu_fp32(module.bias))
+        and module.weight.numel() >= MIN_WEIGHT_ENTRIES
+    )
+
+
+def _own_model(model: nn.Module) -> nn.Module:
+    """The model itself, or the transformers model inside a PEFT wrapper (`PeftModel.get_base_model`)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
+def _places(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, attribute, module) of every child of a module of the model's own code: for this package's model,
+    the encoder's and decoder's layers and the output projection. Each module is read once, here: a conversion
+    judges and wraps the very object it read, whatever another thread puts in its place meanwhile."""
+    own = type(model).__module__
+    return [
+        (parent, name, child)
+        for parent in model.modules()
+        if type(parent).__module__ == own
+        for name, child in parent.named_children()
+    ]
 
 
 def applies(model: nn.Module) -> bool:
     """oneDNN is there and enabled, the model is on CPU in fp32, and nothing is being compiled."""
+    model = _own_model(model)
     return (
         _ONEDNN_LINEAR is not None
         and torch.backends.mkldnn.enabled
@@ -97,43 +186,24 @@ def applies(model: nn.Module) -> bool:
     )
 
 
-def inference_linears(model: nn.Module) -> list[tuple[nn.Module, str, bool]]:
-    """(parent, attribute, runs at every step) of each linear layer of the model that is a plain `nn.Linear` without
-    hooks, with at least `MIN_WEIGHT_ENTRIES` weights. A decoding step runs the decoder's (but for the
-    cross-attention key and value projections, run once per source) and the output projection; the encoder's run
-    once per call. Wrapped layers (LoRA adapters, quantized layers) and hooked ones keep running as they are."""
-    places = [(model, name, True) for name, child in model.named_children() if child is model.get_output_embeddings()]
-    for stack, per_step in ((model.get_encoder(), False), (model.get_decoder(), True)):
-        for parent_name, parent in stack.named_modules():
-            if type(parent).__module__ != type(model).__module__:
-                continue  # inside a module put in the model's place (an adapter): left as it is
-            once_per_source = ("k_proj", "v_proj") if parent_name.endswith("encoder_attn") else ()
-            places += [(parent, name, per_step and name not in once_per_source) for name, _ in parent.named_children()]
-    return [(parent, name, per_step) for parent, name, per_step in places if _plain(getattr(parent, name))]
-
-
-def _plain(module: nn.Module) -> bool:
-    hooked = module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook")
-    return type(module) is nn.Linear and not hooked and module.weight.numel() >= MIN_WEIGHT_ENTRIES
-
-
-@contextmanager
-def onednn_decoding(model: nn.Module) -> Iterator[None]:
-    """Within this scope the linears of `inference_linears(model)` are `OneDNNLinear` stand-ins, made fresh on entry
-    (those of a decoding step keep their weights in oneDNN's layout); leaving it (also by an exception) puts the
-    original modules back and drops the stand-ins and their reordered weights. Does nothing where `applies(model)` is
-    false."""
-    swapped: list[tuple[nn.Module, str, nn.Linear]] = []
+def optimize_for_cpu_inference(model: nn.Module) -> nn.Module:
+    """Swap each provably plain linear layer of `model` (module docstring) for a `OneDNNLinear` holding the same
+    parameters, in place, and return the model. Does nothing where `applies(model)` is false; layers already swapped,
+    and all others, are left as they are, so a second call changes nothing. `restore_linears` undoes it."""
     if applies(model):
-        for parent, name, per_step in inference_linears(model):
-            linear = getattr(parent, name)
-            setattr(parent, name, OneDNNLinear(linear, keep_layout=per_step))
-            swapped.append((parent, name, linear))
-    try:
-        yield
-    finally:
-        for parent, name, linear in swapped:
-            setattr(parent, name, linear)
+        for parent, name, module in _places(_own_model(model)):
+            if _plain_linear(module):
+                setattr(parent, name, OneDNNLinear(module))
+    return model
 
 
-__all__ = ["OneDNNLinear", "applies", "inference_linears", "onednn_decoding"]
+def restore_linears(model: nn.Module) -> nn.Module:
+    """Put back the `nn.Linear` of each `OneDNNLinear` in `model` (with the stand-in's current parameters), in place,
+    and return the model: for training again, or to drop every kept layout. A model with none is left as it is."""
+    for parent, name, module in _places(_own_model(model)):
+        if type(module) is OneDNNLinear:
+            setattr(parent, name, module.to_linear())
+    return model
+
+
+__all__ = ["MIN_WEIGHT_ENTRIES", "OneDNNLinear", "applies", "optimize_for_cpu_inference", "restore_linears"]

@@ -92,20 +92,31 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
 
 def can_fuse(output_projection: torch.nn.Module) -> bool:
-    """Whether the fused loss may read the output projection's weight itself: a plain weight with no bias, and no
-    hooks on the module (DeepSpeed ZeRO-3 and FSDP gather a partitioned weight in hooks around its forward; outside
-    them the weight is an empty shard). Not under `torch.compile`: the fused loss picks the rows that count, a
-    data-dependent shape, which breaks the graph and recompiles for every new count of target tokens, while the
-    plain loss compiles into one graph with dynamic shapes (and the compiler fuses it itself)."""
-    weight = getattr(output_projection, "weight", None)
+    """Whether the fused loss may read the output projection's weight itself instead of running the module: only where
+    the module provably computes `hidden @ weight.T` and nothing more. Its type is exactly `nn.Linear` (a PEFT LoRA
+    layer, a quantized layer or any subclass adds to that, and runs as it is: the loss then takes the plain path), with
+    no bias and no hooks (DeepSpeed ZeRO-3 and FSDP gather a partitioned weight in hooks around its forward; outside
+    them the weight is an empty shard), and its weight is a plain non-empty dense `nn.Parameter` (not a DTensor or
+    another tensor subclass, as torchao's quantized weights are, not meta). Not under `torch.compile`: the fused loss
+    picks the rows that count, a data-dependent shape, which breaks the graph and recompiles for every new count of
+    target tokens, while the plain loss compiles into one graph with dynamic shapes (and the compiler fuses it)."""
+    if torch.compiler.is_compiling() or type(output_projection) is not torch.nn.Linear:
+        return False
+    weight = output_projection.weight
+    hooked = (
+        output_projection._forward_hooks
+        or output_projection._forward_pre_hooks
+        or output_projection._backward_hooks
+        or output_projection._backward_pre_hooks
+        or hasattr(output_projection, "_hf_hook")  # accelerate's offloading and device-placement hooks
+    )
     return (
-        not torch.compiler.is_compiling()
-        and weight is not None
+        output_projection.bias is None
+        and not hooked
+        and type(weight) is torch.nn.Parameter
+        and weight.layout is torch.strided
+        and not weight.is_meta
         and weight.numel() > 0
-        and getattr(output_projection, "bias", None) is None
-        and not output_projection._forward_hooks
-        and not output_projection._forward_pre_hooks
-        and not hasattr(output_projection, "_hf_hook")
     )
 
 

@@ -14,6 +14,8 @@ import torch
 from transformers import AutoModelForSeq2SeqLM, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY, REMOVED_TASKS
 
+from . import cpu_inference
+
 
 class Text2TextGenerationPipeline(Pipeline):
     """Source text in, generated text out, through the model's `generate()` and its generation config (for this
@@ -21,11 +23,20 @@ class Text2TextGenerationPipeline(Pipeline):
 
     Generation parameters (`num_beams`, `max_new_tokens`, ...) may be given when the pipeline is built or per
     call. Input is a string or a list of strings; `batch_size` batches them.
+
+    Built on CPU in fp32 with oneDNN, the pipeline converts its model once, in place, for CPU inference
+    (`cpu_inference.optimize_for_cpu_inference`: oneDNN linear layers holding the same parameters; nothing changes
+    where that does not apply). A model passed in as an object is that model: `cpu_inference.restore_linears(model)`
+    undoes the conversion, for training it again.
     """
 
     _pipeline_calls_generate = True
     _load_tokenizer = True
     return_name = "generated"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # puts the model on its device
+        cpu_inference.optimize_for_cpu_inference(self.model)  # a no-op where `cpu_inference.applies` is false
 
     def _sanitize_parameters(
         self, truncation: bool | None = None, max_source_length: int | None = None, **generate_kwargs: Any

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import random_batch, tiny_model
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers.trainer_pt_utils import LabelSmoother
 
 from hf_vanilla_transformer import losses
@@ -29,7 +30,8 @@ def _loss_and_grads(model, labels, **kwargs):
     if out.logits is not None:  # the plain path: transformers' own smoother over the full logits, as Trainer does
         loss = LabelSmoother(model.config.label_smoothing)({"logits": out.logits}, labels, shift_labels=False)
     loss.backward()
-    return out, loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}  # frozen: none
+    return out, loss.detach(), grads
 
 
 @pytest.mark.parametrize("epsilon", [0.0, 0.1])
@@ -146,3 +148,82 @@ def test_the_fused_loss_steps_aside_for_a_hooked_or_sharded_output_projection():
     plain, shard = torch.nn.Linear(4, 3, bias=False), torch.nn.Linear(4, 3, bias=False)
     shard.weight = torch.nn.Parameter(torch.empty(0))  # what ZeRO-3 leaves outside the module's forward
     assert can_fuse(plain) and not can_fuse(shard) and not can_fuse(torch.nn.Linear(4, 3))  # the last: a bias
+
+
+class _Marked(torch.Tensor):
+    """A tensor subclass that changes nothing: a stand-in for a DTensor or torchao's quantized weights."""
+
+
+def test_the_fused_loss_reads_only_a_provably_plain_output_projection():
+    """Exactly `nn.Linear`, no bias, no hooks, a plain non-empty dense parameter: anything else may compute more than
+    `hidden @ weight.T` (an adapter, a quantized layer, a sharded weight), so the loss runs the module instead."""
+
+    def linear() -> torch.nn.Linear:
+        return torch.nn.Linear(4, 3, bias=False)
+
+    class Subclass(torch.nn.Linear):
+        pass
+
+    assert can_fuse(linear())
+    assert not can_fuse(torch.nn.Linear(4, 3))  # a bias
+    assert not can_fuse(Subclass(4, 3, bias=False))
+    assert not can_fuse(torch.nn.Linear(4, 3, bias=False, device="meta"))
+    for hook in ("register_forward_hook", "register_forward_pre_hook", "register_full_backward_hook"):
+        hooked = linear()
+        getattr(hooked, hook)(lambda *args: None)
+        assert not can_fuse(hooked), hook
+    accelerated = linear()
+    accelerated._hf_hook = object()  # what accelerate's add_hook_to_module sets
+    assert not can_fuse(accelerated)
+    subclassed = linear()
+    subclassed.weight = torch.nn.Parameter(subclassed.weight.detach().as_subclass(_Marked))
+    assert not can_fuse(subclassed)
+
+
+@pytest.mark.parametrize("targets", [["lm_head"], ["q_proj", "v_proj", "lm_head"]])
+def test_a_lora_adapter_on_the_output_projection_is_in_the_fused_training_loss(targets):
+    """A PEFT LoRA layer in `lm_head`'s place with `fused_training_loss` set (as train.py sets it): the loss goes
+    through the adapter, and equals the plain path's, gradients too. (Reading the wrapped weight directly left the
+    adapter out: another loss, and with the adapter on `lm_head` alone no gradient at all.)"""
+    peft = pytest.importorskip("peft")
+    model = tiny_model(label_smoothing=0.1)
+    model.fused_training_loss = True
+    torch.manual_seed(0)
+    config = peft.LoraConfig(target_modules=targets, r=4, init_lora_weights=False)  # B nonzero: the adapter counts
+    adapted = peft.get_peft_model(model, config).train()
+    labels = _padded_labels(random_batch()[2])
+    fused_out, fused_loss, fused_grads = _loss_and_grads(adapted, labels)  # the training step asks for no logits
+    plain_out, plain_loss, plain_grads = _loss_and_grads(adapted, labels, return_logits=True)
+    assert fused_out.logits is None and plain_out.logits is not None
+    assert fused_loss.item() == pytest.approx(plain_loss.item(), abs=1e-5)
+    assert any("lm_head.lora_B" in name for name in plain_grads)
+    assert fused_grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+    assert not can_fuse(model.lm_head)  # the fused loss stepped aside for the adapter
+
+
+class _MatmulDtypes(TorchDispatchMode):
+    """Records the dtypes of the operands of every matrix product run under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[torch.dtype, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+            self.seen.append(tuple(arg.dtype for arg in args if isinstance(arg, torch.Tensor)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_the_fused_loss_multiplies_in_autocasts_dtype_as_nn_linear_would(autocast):
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 5, 12, requires_grad=True)
+    weight = torch.randn(37, 12, requires_grad=True)
+    labels = _padded_labels(torch.randint(0, 37, (2, 5)))
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None), _MatmulDtypes() as mode:
+        loss = fused_linear_cross_entropy(hidden, weight, labels, 0.1)
+    loss.backward()
+    assert mode.seen and set(mode.seen) == {(autocast or torch.float32,) * 2}
+    assert loss.dtype == hidden.grad.dtype == weight.grad.dtype == torch.float32
