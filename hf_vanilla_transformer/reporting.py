@@ -95,16 +95,7 @@ def card_values(model, training_args, model_args, data_args, metrics, raw, train
     config = model.config
     generation = model.generation_config
     repo_id = training_args.hub_model_id or str(Path(training_args.output_dir).resolve())
-    dataset_id = (
-        data_args.dataset_name if data_args.dataset_name and not os.path.isdir(data_args.dataset_name) else None
-    )
-    if data_args.dataset_name:
-        data = f"`{data_args.dataset_name}` ({data_args.dataset_config_name or 'default config'})"
-    elif data_args.train_file:
-        data = f"local files (`{data_args.train_file}`)"
-    else:
-        data = "the embedded synthetic corpus of hf-vanilla-transformer (`hf_vanilla_transformer.corpus`, seed "
-        data += f"{data_args.corpus_seed}): a verb-final target language with case and agreement morphology"
+    dataset = dataset_facts(data_args, raw)
     sizes = ", ".join(f"{split} {len(ds)}" for split, ds in raw.items())
     heads = config.encoder_attention_heads
     return {
@@ -113,9 +104,7 @@ def card_values(model, training_args, model_args, data_args, metrics, raw, train
         "repo_id": repo_id,
         "source_lang": data_args.source_lang,
         "target_lang": data_args.target_lang,
-        "dataset_id": dataset_id,
-        "dataset_name": data_args.dataset_name or "embedded synthetic corpus",
-        "dataset_type": dataset_id or "synthetic",
+        **{key: value for key, value in dataset.items() if key.startswith("dataset_")},
         "encoder_layers": config.encoder_layers,
         "decoder_layers": config.decoder_layers,
         "d_model": config.d_model,
@@ -125,7 +114,7 @@ def card_values(model, training_args, model_args, data_args, metrics, raw, train
         "vocab_size": config.vocab_size,
         "dropout": config.dropout,
         "num_parameters": f"{model.num_parameters() / 1e6:.1f}M",
-        "data_description": f"{data}; sentence pairs: {sizes}.",
+        "data_description": f"{dataset['description']}; sentence pairs: {sizes}.",
         "adam_beta1": training_args.adam_beta1,
         "adam_beta2": training_args.adam_beta2,
         "adam_epsilon": training_args.adam_epsilon,
@@ -149,6 +138,47 @@ def card_values(model, training_args, model_args, data_args, metrics, raw, train
         "test_bleu": _fmt(metrics.get("predict_bleu")),
         "test_samples": metrics.get("predict_samples"),
     }
+
+
+LOCAL_FILE = "local file"  # the model-index's dataset type for data that is not on the Hub
+LOCAL_FOLDER = "local folder"
+
+
+def dataset_facts(data_args, raw) -> dict[str, Any]:
+    """The data of a run as the card names it: `description` (what it trained on, for the prose), `dataset_id`
+    (the Hub dataset, if one), and the model-index's evaluation dataset, the test split: `dataset_name`,
+    `dataset_type` (the Hub id, or that the data is local), `dataset_config`, `dataset_split`. Local files and folders
+    go by their base names only: their paths are the training machine's."""
+    split = "test"
+    test, limit = raw.get("test"), data_args.max_predict_samples
+    if test is not None and limit is not None and len(test) == limit:  # train.py keeps the first `limit` pairs
+        split = f"test[:{limit}]"
+    name, config = data_args.dataset_name, data_args.dataset_config_name
+    facts = {"dataset_id": None, "dataset_config": config if name else None, "dataset_split": split}
+    files = {key: getattr(data_args, f"{key}_file") for key in ("train", "validation", "test")}
+    if name and os.path.isdir(name):  # data.load_translation_dataset reads a local folder, not the Hub's
+        folder = Path(name).resolve().name
+        facts |= {"dataset_name": " ".join(filter(None, (folder, config))), "dataset_type": LOCAL_FOLDER}
+        facts["description"] = f"the local dataset folder `{folder}`" + (f", config `{config}`" if config else "")
+    elif name:
+        facts |= {"dataset_id": name, "dataset_name": " ".join(filter(None, (name, config))), "dataset_type": name}
+        facts["description"] = f"the Hub dataset `{name}`, " + (f"config `{config}`" if config else "default config")
+    elif any(files.values()):
+        names = {key: _file_names(path) for key, path in files.items() if path}
+        facts |= {"dataset_name": names.get("test"), "dataset_type": LOCAL_FILE}
+        facts["description"] = "local files: " + ", ".join(f"{key} `{value}`" for key, value in names.items())
+    else:
+        facts |= {"dataset_name": "embedded synthetic corpus", "dataset_type": "synthetic"}
+        facts["description"] = (
+            "the embedded synthetic corpus of hf-vanilla-transformer (`hf_vanilla_transformer.corpus`, seed "
+            f"{data_args.corpus_seed}): a verb-final target language with case and agreement morphology"
+        )
+    return facts
+
+
+def _file_names(path: str) -> str:
+    """The base name of a data file, or of each file of a 'source.txt,target.txt' pair."""
+    return ",".join(Path(part.strip()).name for part in path.split(","))
 
 
 def code_reference(url: str | None = None) -> str:

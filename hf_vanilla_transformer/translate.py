@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from . import cpu_inference
 from .batching import TokenBatchSampler
 from .metrics import BLEU_SIGNATURE, PAPER_BLEU_SIGNATURE, paper_bleu
 
@@ -91,10 +92,12 @@ def batches(encoded: dict[int, list[int]], max_tokens: int) -> Iterator[list[int
 
 
 class TorchBackend:
-    """`generate()` of the transformers model, with the model's generation config (§6.1 by default)."""
+    """`generate()` of the transformers model, with the model's generation config (§6.1 by default). The model, the
+    command's own, is converted once for CPU inference (`cpu_inference.optimize_for_cpu_inference`; nothing changes
+    off CPU or in bf16)."""
 
     def __init__(self, model: Any, tokenizer: Any, num_beams: int | None) -> None:
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer = cpu_inference.optimize_for_cpu_inference(model), tokenizer
         self.options = {} if num_beams is None else {"num_beams": num_beams}
 
     def translate(self, rows: list[list[int]]) -> list[str]:
@@ -106,9 +109,18 @@ class TorchBackend:
 
 class CTranslate2Backend:
     """CTranslate2's `translate_batch` on token strings, with the beam size and α of the model's generation config
-    (CTranslate2's length penalty is |Y|^α) and at most the longest source + 50 new tokens per batch."""
+    (CTranslate2's length penalty is |Y|^α) and at most the longest source + 50 new tokens per batch. `num_beams`,
+    the command line's, overrides the generation config's beam size, as it does for `TorchBackend`."""
 
-    def __init__(self, model_dir: Path, tokenizer: Any, generation: Any, compute_type: str, device: str) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        tokenizer: Any,
+        generation: Any,
+        compute_type: str,
+        device: str,
+        num_beams: int | None = None,
+    ) -> None:
         from .export_ctranslate2 import import_ctranslate2
 
         ctranslate2 = import_ctranslate2()
@@ -117,13 +129,14 @@ class CTranslate2Backend:
             str(model_dir), device=device, compute_type=compute_type, inter_threads=1, intra_threads=threads
         )
         self.tokenizer, self.generation = tokenizer, generation
+        self.num_beams = (generation.num_beams if num_beams is None else num_beams) or 1
 
     def translate(self, rows: list[list[int]]) -> list[str]:
         offset = getattr(self.generation, "max_length_offset", None) or 50
         results = self.translator.translate_batch(
             [self.tokenizer.convert_ids_to_tokens(row) for row in rows],
-            beam_size=self.generation.num_beams or 1,
-            length_penalty=self.generation.length_penalty if (self.generation.num_beams or 1) > 1 else 1.0,
+            beam_size=self.num_beams,
+            length_penalty=self.generation.length_penalty if self.num_beams > 1 else 1.0,
             max_decoding_length=max(len(row) for row in rows) + offset,
             max_input_length=0,  # CTranslate2 would otherwise cut sources at 1024 tokens without a word
         )
@@ -133,7 +146,8 @@ class CTranslate2Backend:
 
 def load_backend(args: argparse.Namespace, workdir: Path) -> tuple[Any, Any, Any]:
     """(backend, tokenizer, model config) for the command line's choices; converts to CTranslate2 on the fly when
-    MODEL is a transformers folder rather than an exported one."""
+    MODEL is a transformers folder rather than an exported one. Either backend decodes with the generation config
+    it finds (the model's, or the one an export saved), overridden by `--num_beams`."""
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -142,8 +156,6 @@ def load_backend(args: argparse.Namespace, workdir: Path) -> tuple[Any, Any, Any
         model = AutoModelForSeq2SeqLM.from_pretrained(args.model, dtype=DTYPES.get(args.dtype, torch.float32))
         model = model.to(args.device).eval()
         config, generation = model.config, model.generation_config
-        if args.num_beams is not None:
-            generation.num_beams = args.num_beams
         if args.backend == "torch":
             return TorchBackend(model, tokenizer, args.num_beams), tokenizer, config
         from .export_ctranslate2 import export
@@ -161,7 +173,8 @@ def load_backend(args: argparse.Namespace, workdir: Path) -> tuple[Any, Any, Any
             config = VanillaTransformerConfig.from_json_file(model_dir / MODEL_CONFIG_NAME)
             generation = GenerationConfig.from_pretrained(model_dir)
     compute_type = args.dtype if args.dtype in CT2_COMPUTE_TYPES else "float32"
-    return CTranslate2Backend(model_dir, tokenizer, generation, compute_type, args.device), tokenizer, config
+    backend = CTranslate2Backend(model_dir, tokenizer, generation, compute_type, args.device, args.num_beams)
+    return backend, tokenizer, config
 
 
 def report_bleu(hypotheses: list[str], reference_path: str, with_paper: bool) -> dict[str, Any]:

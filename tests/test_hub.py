@@ -31,8 +31,9 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedTokenizerBase
 
 import hf_vanilla_transformer
-from hf_vanilla_transformer import VanillaTransformerConfig, VanillaTransformerForConditionalGeneration
+from hf_vanilla_transformer import VanillaTransformerConfig, VanillaTransformerForConditionalGeneration, reporting
 from hf_vanilla_transformer.corpus import build_default_corpus
+from hf_vanilla_transformer.metrics import BLEU_SIGNATURE
 from hf_vanilla_transformer.model_card import TEMPLATE_PATH, render_model_card
 from hf_vanilla_transformer.tokenization import train_tokenizer
 
@@ -43,7 +44,6 @@ CODE_FILES = (
     "modeling_vanilla_transformer.py",
     "generation_vanilla_transformer.py",
     "losses.py",
-    "cpu_inference.py",
 )
 REPO_ID = "user/tiny-vanilla"
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"  # any 40-hex commit hash names a cached snapshot
@@ -447,6 +447,95 @@ def test_a_missing_required_value_is_an_error(required):
     del values[required]
     with pytest.raises(ValueError, match=required):
         render_model_card(values)
+
+
+def run_card(tmp_path: Path, *flags: str) -> str:
+    """The card `train.py FLAGS` writes (`reporting.card_values` on its parsed arguments) after a run that scored
+    a test BLEU of 25 with sacreBLEU, on splits of 10, 2 and 3 pairs."""
+    import train  # imported here: the other tests need none of the Trainer's imports
+
+    out = ["--output_dir", str(tmp_path / "out"), "--hub_model_id", "user/x", "--learning_rate", "1e-3"]
+    model_args, data_args, training_args = train.parse_args([*flags, *out])
+    metrics = {"eval_bleu": 20.0, "eval_samples": 2, "eval_bleu_signature": BLEU_SIGNATURE}
+    metrics |= {"predict_bleu": 25.0, "predict_samples": 3, "predict_bleu_signature": BLEU_SIGNATURE}
+    raw = {"train": [None] * 10, "validation": [None] * 2, "test": [None] * 3}  # card_values counts them
+    values = reporting.card_values(tiny_model(), training_args, model_args, data_args, metrics, raw, None)
+    return render_model_card({**values, "example_source": "a b c"})
+
+
+def card_result(card: str):
+    """The card's one evaluation result, as the Hub reads the model-index (`huggingface_hub.ModelCard`)."""
+    from huggingface_hub import ModelCard
+
+    data = ModelCard(card, ignore_metadata_errors=False).data
+    [result] = data.eval_results
+    assert data.model_name == "x" and result.task_type == "translation"
+    assert (result.metric_type, result.metric_value, result.metric_name) == ("bleu", 25.0, "sacreBLEU (test)")
+    return data, result
+
+
+def test_the_card_of_a_run_on_local_files_names_each_file_by_its_base_name_only(tmp_path):
+    """Files given by absolute paths: the model-index's dataset is the test file, by name, as a local file; no
+    directory of the training machine is anywhere on the card (front matter or prose). The names need YAML quoting."""
+    data_dir = tmp_path / "private-data-dir"
+    train_pair = f"{data_dir / 'train.en'},{data_dir / 'train.de'}"
+    test_name = "newstest: 2014 #1.jsonl"  # ": " and " #" would end a plain YAML scalar
+    files = ["--train_file", train_pair, "--validation_file", str(data_dir / "dev.jsonl")]
+    files += ["--test_file", str(data_dir / test_name), "--source_lang", "en", "--target_lang", "de"]
+    card = run_card(tmp_path, *files)
+    assert str(data_dir) not in card and str(tmp_path) not in card
+    data, result = card_result(card)
+    assert (result.dataset_name, result.dataset_type, result.dataset_split) == (test_name, "local file", "test")
+    assert result.dataset_config is None and data.datasets is None  # no Hub dataset claimed
+    assert result.metric_config == BLEU_SIGNATURE
+    body = card.split("---\n", 2)[2]
+    assert "train `train.en,train.de`, validation `dev.jsonl`, test `newstest: 2014 #1.jsonl`" in body
+    assert f"sacreBLEU signature: `{BLEU_SIGNATURE}`" in body
+
+
+def test_the_card_of_a_run_on_a_local_dataset_folder_names_the_folder_only(tmp_path):
+    folder = tmp_path / "saved" / "my-corpus"
+    folder.mkdir(parents=True)
+    card = run_card(tmp_path, "--dataset_name", str(folder), "--source_lang", "en", "--target_lang", "de")
+    assert str(folder.parent) not in card
+    data, result = card_result(card)
+    assert (result.dataset_name, result.dataset_type, result.dataset_split) == ("my-corpus", "local folder", "test")
+    assert data.datasets is None and "`my-corpus`" in card.split("---\n", 2)[2]
+
+
+@pytest.mark.parametrize(
+    ("limit", "split"),
+    [([], "test"), (["--max_predict_samples", "3"], "test[:3]"), (["--max_predict_samples", "5"], "test")],
+)
+def test_the_card_of_a_run_on_a_hub_dataset_gives_its_id_config_and_split(tmp_path, limit, split):
+    """--max_predict_samples N scores the first N test pairs (here the test split has 3): the split says so in
+    `datasets`' slicing syntax."""
+    hub = ["--dataset_name", "wmt14", "--dataset_config_name", "de-en", "--source_lang", "en", "--target_lang", "de"]
+    card = run_card(tmp_path, *hub, *limit)
+    data, result = card_result(card)
+    assert (result.dataset_type, result.dataset_config, result.dataset_split) == ("wmt14", "de-en", split)
+    assert result.dataset_name == "wmt14 de-en" and data.datasets == ["wmt14"]
+    assert result.metric_config == BLEU_SIGNATURE
+    assert "the Hub dataset `wmt14`, config `de-en`" in card.split("---\n", 2)[2]
+
+
+def test_the_card_of_a_run_on_the_embedded_corpus_says_so(tmp_path):
+    data, result = card_result(run_card(tmp_path))
+    assert (result.dataset_name, result.dataset_type, result.dataset_split) == (
+        "embedded synthetic corpus",
+        "synthetic",
+        "test",
+    )
+    assert result.dataset_config is None and data.datasets is None
+    assert result.metric_config == BLEU_SIGNATURE
+
+
+@pytest.mark.parametrize("language", ["no", "on", "null"])
+def test_language_codes_yaml_would_read_as_something_else_stay_text(language):
+    """Norwegian's code is YAML 1.1's false."""
+    meta = front_matter(render_model_card(card_values(source_lang=language)))
+    assert meta["language"] == [language, "xb"]
+    assert meta["model-index"][0]["results"][0]["task"]["name"] == f"Translation {language}-xb"
 
 
 @pytest.mark.slow

@@ -179,6 +179,48 @@ def test_the_int8_export_stays_within_1_bleu_of_fp32(trained, test_pairs, tmp_pa
 
 
 @needs_ctranslate2
+@pytest.mark.parametrize("folder", ["exported", "transformers"])
+@pytest.mark.parametrize(("options", "beam_size"), [([], 4), (["--num_beams", "1"], 1), (["--num_beams", "2"], 2)])
+def test_the_ctranslate2_backend_decodes_with_the_cli_beam_size(tmp_path, monkeypatch, folder, options, beam_size):
+    """`--num_beams` reaches CTranslate2's `translate_batch` both for an `export_ctranslate2` folder and for a
+    transformers folder converted on the fly; without it, the generation config's beam 4 (§6.1)."""
+    import ctranslate2
+
+    from hf_vanilla_transformer.tokenization import train_tokenizer
+
+    tokenizer = train_tokenizer(["a b c d e f g h"] * 20, vocab_size=300)
+    torch.manual_seed(0)
+    model = VanillaTransformerForConditionalGeneration(
+        VanillaTransformerConfig.from_preset("tiny", vocab_size=len(tokenizer))
+    ).eval()
+    assert model.generation_config.num_beams == 4
+    if folder == "exported":
+        model_dir = export_ctranslate2.export(model, tokenizer, tmp_path / "ct2")
+    else:
+        model_dir = tmp_path / "m"
+        model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+    beam_sizes = []
+    real_translator = ctranslate2.Translator
+
+    class RecordingTranslator:
+        """CTranslate2's Translator, recording the beam size of each `translate_batch` call."""
+
+        def __init__(self, *args, **kwargs):
+            self.translator = real_translator(*args, **kwargs)
+
+        def translate_batch(self, *args, **kwargs):
+            beam_sizes.append(kwargs.get("beam_size", 2))  # 2: translate_batch's own default
+            return self.translator.translate_batch(*args, **kwargs)
+
+    monkeypatch.setattr(ctranslate2, "Translator", RecordingTranslator)
+    source = _write(tmp_path / "in.txt", ["a b c", "d e f g"])
+    args = [str(model_dir), "--backend", "ctranslate2", "--input", str(source), "--output", str(tmp_path / "out")]
+    assert translate.run([*args, *options])["sentences"] == 2
+    assert beam_sizes and set(beam_sizes) == {beam_size}
+
+
+@needs_ctranslate2
 def test_configurations_ctranslate2_cannot_compute_are_refused_naming_the_field(tmp_path):
     config = VanillaTransformerConfig.from_preset("tiny", vocab_size=50, norm_type="batchnorm")
     with pytest.raises(ValueError, match="norm_type='batchnorm'"):
@@ -205,3 +247,24 @@ def test_the_console_scripts_are_installed():
     for name in ("vanilla-translate", "vanilla-export-ctranslate2"):
         result = subprocess.run([str(scripts / name), "--help"], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0 and "usage:" in result.stdout, result.stderr[-2000:]
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+def test_the_torch_backend_converts_its_model_once_for_cpu_inference(monkeypatch):
+    """The CLI owns its model: it converts it once (`cpu_inference.optimize_for_cpu_inference`), not at each call,
+    and decodes what the unconverted model decodes."""
+    from conftest import random_batch, tiny_model
+
+    from hf_vanilla_transformer import cpu_inference
+    from hf_vanilla_transformer.translate import TorchBackend
+
+    monkeypatch.setattr(cpu_inference, "MIN_WEIGHT_ENTRIES", 0)  # the tiny model is below the size rule
+    input_ids, attention_mask, _ = random_batch(seed=3, batch=2)
+    plain = tiny_model(seed=5)
+    expected = plain.generate(input_ids, attention_mask=attention_mask, max_new_tokens=5)
+    backend = TorchBackend(tiny_model(seed=5), None, num_beams=None)
+    stand_ins = [m for m in backend.model.modules() if type(m) is cpu_inference.OneDNNLinear]
+    assert stand_ins and type(backend.model.lm_head) is cpu_inference.OneDNNLinear
+    got = backend.model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=5)
+    assert torch.equal(got, expected)
+    assert [m for m in backend.model.modules() if type(m) is cpu_inference.OneDNNLinear] == stand_ins  # unchanged
