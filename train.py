@@ -251,16 +251,17 @@ def parse_args(argv: list[str] | None = None):
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, PaperTrainingArguments))
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
         loader = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
+        given = _read_config(argv[0])
+        explicit = set(given)
+        # Checked before the dataclasses exist: TrainingArguments with --deepspeed needs deepspeed installed.
+        refuse_averaging_under_zero3({**vars(parser.parse_known_args(args=[])[0]), **given}, explicit)
         model_args, data_args, training_args = loader(os.path.abspath(argv[0]))
-        explicit = set(_read_config_keys(argv[0]))
     else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
         explicit = {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
+        refuse_averaging_under_zero3(vars(parser.parse_known_args(args=argv)[0]), explicit)
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     groups = (model_args, data_args, training_args)
-    if not (data_args.dataset_name or data_args.train_file or model_args.model_name_or_path):
-        _apply_recipe(DEMO_RECIPE, explicit, groups)
-    elif model_args.config_name in SMALL_RECIPE_PRESETS and not model_args.model_name_or_path:
-        _apply_recipe(SMALL_RECIPE, explicit, groups)
+    _apply_recipe(_recipe_for(vars(model_args) | vars(data_args)), explicit, groups)
     if data_args.max_tokens == 0:
         data_args.max_tokens = None
     if "report_to" not in explicit and is_tensorboard_available():  # transformers 5 logs nowhere by default
@@ -284,13 +285,57 @@ def _apply_recipe(recipe: dict[str, Any], explicit: set[str], groups: tuple) -> 
                     setattr(group, key, value)
 
 
-def _read_config_keys(path: str) -> list[str]:
+def _recipe_for(values: dict[str, Any]) -> dict[str, Any]:
+    """The recipe that fills the settings left unset: the demo's with no data and no checkpoint, the small-model
+    one for a new small or tiny model on real data, none otherwise."""
+    if not (values.get("dataset_name") or values.get("train_file") or values.get("model_name_or_path")):
+        return DEMO_RECIPE
+    if values.get("config_name") in SMALL_RECIPE_PRESETS and not values.get("model_name_or_path"):
+        return SMALL_RECIPE
+    return {}
+
+
+def refuse_averaging_under_zero3(values: dict[str, Any], explicit: set[str]) -> None:
+    """--checkpoint_average (given, or the recipe's) together with DeepSpeed ZeRO-3 (--deepspeed, or `accelerate
+    launch --use_deepspeed --zero_stage 3`) is a ValueError, raised before any data is read or model built.
+
+    ZeRO-3 partitions every parameter across the processes, and its checkpoints hold partitions in DeepSpeed's own
+    layout: `checkpoints.average_checkpoints` reads whole weights, and `load_weights` would load them into
+    partitioned parameters. The configuration is read with accelerate's `HfDeepSpeedConfig`, which needs no
+    deepspeed installed. `values`: every argument's value by name; `explicit`: the names the user gave.
+    """
+    average = values.get("checkpoint_average") or 0
+    from_recipe = "checkpoint_average" not in explicit and "checkpoint_average" in _recipe_for(values)
+    if from_recipe:
+        average = _recipe_for(values)["checkpoint_average"]
+    if average <= 1:
+        return
+    from accelerate.utils import parse_flag_from_env
+    from accelerate.utils.deepspeed import HfDeepSpeedConfig
+
+    config, where = values.get("deepspeed"), "--deepspeed"
+    if not config and parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        config, where = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none"), "accelerate's DeepSpeed config"
+        if config == "none":
+            config = {"zero_optimization": {"stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))}}
+    if not config or not HfDeepSpeedConfig(config).is_zero3():
+        return
+    raise ValueError(
+        f"--checkpoint_average {average}{' (the recipe default)' if from_recipe else ''} cannot be used with DeepSpeed "
+        f"ZeRO-3 ({where} sets zero_optimization.stage 3): ZeRO-3 checkpoints hold each process's partition of the "
+        "parameters, which checkpoint averaging neither reads nor loads into a partitioned model. Pass "
+        "--checkpoint_average 0 and average afterwards from full weights (DeepSpeed's zero_to_fp32.py writes them), "
+        "or train with ZeRO stage 1 or 2, or FSDP."
+    )
+
+
+def _read_config(path: str) -> dict[str, Any]:
     text = Path(path).read_text(encoding="utf-8")
     if path.endswith(".json"):
-        return list(json.loads(text))
+        return json.loads(text)
     import yaml  # a dependency of transformers' parse_yaml_file
 
-    return list(yaml.safe_load(text))
+    return yaml.safe_load(text)
 
 
 def check_output_dir(training_args: PaperTrainingArguments) -> None:

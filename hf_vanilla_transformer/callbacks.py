@@ -13,20 +13,81 @@ from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
 
+# How often the processes of a data-parallel run agree on whether to stop, in seconds of training (see AgreedSteps).
+AGREE_EVERY_SECONDS = 2.0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _max_over_processes(values: list[float], device: torch.device | str) -> list[float]:
+    """The element-wise maximum of `values` over all processes: one all-reduce (none with one process)."""
+    if _world_size() == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float32, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()  # waits for the all-reduce (a host synchronisation on GPUs)
+
 
 def any_process(flag: bool, device: torch.device | str = "cpu") -> bool:
     """`flag` of this process, or'ed over all processes: one all-reduce of one number (a no-op with one process).
 
     A decision to stop must be the same on every process: processes that stop at different steps deadlock, one in
-    the checkpoint's collectives and another in backward's gradient all-reduce. Every process calls this at every
-    step end; the cost is in benchmarks/README.md ("Stopping together"). `device`: where the process group's backend
-    takes tensors (CUDA for NCCL; `TrainingArguments.device`).
+    the checkpoint's collectives and another in backward's gradient all-reduce. It is a collective: every process
+    must call it at the same point (`AgreedSteps` votes the same way, at agreed step ends only). `device`: where the
+    process group's backend takes tensors (CUDA for NCCL; `TrainingArguments.device`).
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    vote = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(vote, op=dist.ReduceOp.MAX)
-    return bool(vote.item())
+    return bool(_max_over_processes([float(flag)], device)[0])
+
+
+class AgreedSteps:
+    """The step ends at which all processes of a data-parallel run vote on stopping, so that a stop request of any
+    one of them (a signal, a spent time budget) stops all of them after the same step, without a collective at every
+    step (on GPUs each vote waits for the step's kernels, which Trainer otherwise avoids).
+
+    The processes vote at the first step end, at the last (`max_steps`: a request then is not left to the end's
+    evaluation), and every K steps, where K is how many steps fit in `seconds` (default `AGREE_EVERY_SECONDS`, 2 s)
+    at the mean step time of the slowest process since the previous vote (at least 1): each vote all-reduces, in one
+    tensor, the processes' stop flags and mean step times (maximum of each), so every process gets the same numbers
+    and computes the same K. A request is therefore acted on at most K steps after the step in which it came, about
+    `seconds` of training plus the step under way (plus any evaluation in between).
+    With one process there is no collective: `vote` returns the flag at every step end.
+
+    Call `start` when training begins and `vote` at every step end, on every process.
+    """
+
+    def __init__(self, seconds: float | None = None) -> None:
+        seconds = AGREE_EVERY_SECONDS if seconds is None else seconds
+        if not seconds > 0:
+            raise ValueError(f"seconds must be positive, got {seconds!r}.")
+        self.seconds = seconds
+        self.start()
+
+    def start(self) -> None:
+        self.every = 1  # steps from one vote to the next (K); the first vote is at the first step end
+        self.steps_to_vote = 1
+        self.steps_since_vote = 0
+        self.last_vote = time.perf_counter()
+        self.votes = 0  # collectives so far
+
+    def vote(self, flag: bool, device: torch.device | str = "cpu", last: bool = False) -> bool:
+        """Whether any process asked to stop, at an agreed step; False at the other steps. A collective at agreed
+        steps: every process calls it at every step end. `last`: this is the last step (the same on every process,
+        as `state.global_step >= state.max_steps`), a vote in any case."""
+        if _world_size() == 1:
+            return flag
+        self.steps_since_vote += 1
+        self.steps_to_vote -= 1
+        if self.steps_to_vote > 0 and not last:
+            return False
+        now = time.perf_counter()
+        mean_step = (now - self.last_vote) / self.steps_since_vote
+        stop, slowest = _max_over_processes([float(flag), mean_step], device)
+        self.votes += 1
+        self.every = max(1, int(self.seconds / max(slowest, 1e-9)))
+        self.steps_to_vote, self.steps_since_vote, self.last_vote = self.every, 0, now
+        return bool(stop)
 
 
 class TrainingTimeBudget(TrainerCallback):
@@ -36,15 +97,19 @@ class TrainingTimeBudget(TrainerCallback):
     Training time is the wall time since training began minus the time spent in evaluations during training, so that
     a run that evaluates more often trains as long as one that evaluates less. Checkpoint saving counts as training:
     the recipe needs its checkpoints. transformers' `Trainer` has no time limit; fairseq's is `--stop-time-hours`.
+
+    Each process keeps its own clock; with several processes they agree at the steps of `AgreedSteps` (every
+    `agree_every_seconds`, default 2 s), so a run stops up to that much training time after its budget.
     """
 
-    def __init__(self, max_minutes: float | None = None) -> None:
+    def __init__(self, max_minutes: float | None = None, agree_every_seconds: float | None = None) -> None:
         if max_minutes is not None and not max_minutes > 0:
             raise ValueError(f"max_minutes must be positive, got {max_minutes!r}.")
         self.max_seconds = None if max_minutes is None else 60.0 * max_minutes
         self.started: float | None = None
         self.in_evaluation = 0.0
         self.last_step_end: float | None = None
+        self.agreement = AgreedSteps(agree_every_seconds)
 
     def training_seconds(self, now: float | None = None) -> float:
         if self.started is None:
@@ -55,13 +120,15 @@ class TrainingTimeBudget(TrainerCallback):
         self.started = time.perf_counter()
         self.in_evaluation = 0.0
         self.last_step_end = None
+        self.agreement.start()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.last_step_end = time.perf_counter()
         if self.max_seconds is None:
             return control
         # Each process keeps its own clock: they agree, or a process whose clock ran out first would stop alone.
-        if any_process(self.training_seconds(self.last_step_end) >= self.max_seconds, args.device):
+        spent = self.training_seconds(self.last_step_end) >= self.max_seconds
+        if self.agreement.vote(spent, args.device, last=state.global_step >= state.max_steps):
             control.should_training_stop = True
             control.should_save = True
         return control
@@ -87,20 +154,35 @@ class SaveOnSignal(TrainerCallback):
     seconds, a beam search over a test set is minutes).
 
     A signal may reach one process only (`kill` of one worker) or all at different steps (the launcher forwards it):
-    each process notes it, and at every step end the processes agree through `any_process`. The handlers are
-    installed for training only; a second Ctrl-C gets the default action (it aborts).
+    each process notes it, and the processes agree at the step ends of `AgreedSteps`: every step with one process
+    (no collective), every `agree_every_seconds` of training (default 2 s) with several, so the stop comes that
+    much training time after the signal at most, plus the step under way, and at the last step (`max_steps`). When
+    training ends otherwise (a spent time budget) one more vote finds a signal since the last agreed step:
+    `stopped_by` is set then too, with the checkpoint Trainer saved at that end. The handlers are installed for
+    training only, and only from the main thread (Python's rule; elsewhere, as in a notebook's training thread or
+    a Ray worker, a warning says that signals are not caught); a second Ctrl-C gets the default action (it aborts).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self) -> None:
+    def __init__(self, agree_every_seconds: float | None = None) -> None:
         self.received: int | None = None  # the signal this process received
         self.stopped_by: str | None = None  # set on every process once they agree to stop
         self._previous: dict[int, object] = {}
+        self.agreement = AgreedSteps(agree_every_seconds)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.received = self.stopped_by = None
-        self._previous = {sig: signal.signal(sig, self._request) for sig in self.SIGNALS}
+        self.agreement.start()
+        self._previous = {}
+        try:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._request)
+        except ValueError as error:  # "signal only works in main thread of the main interpreter"
+            self._restore()
+            logger.warning(
+                "SIGTERM and Ctrl-C will not save a checkpoint: training runs outside the main thread (%s).", error
+            )
 
     def _request(self, signum, frame) -> None:
         self.received = signum
@@ -108,13 +190,16 @@ class SaveOnSignal(TrainerCallback):
         if signum == signal.SIGINT:
             signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
 
+    def _name(self) -> str:
+        return signal.Signals(self.received).name if self.received is not None else "a signal to another process"
+
     def on_step_end(self, args, state, control, **kwargs):
-        if any_process(self.received is not None, args.device):
+        last = state.global_step >= state.max_steps  # DefaultFlowCallback ends training (and may ask to evaluate)
+        if self.stopped_by is None and self.agreement.vote(self.received is not None, args.device, last):
             control.should_save = True
             control.should_training_stop = True
             control.should_evaluate = False  # runs after DefaultFlowCallback, which may have asked for one
-            here = signal.Signals(self.received).name if self.received is not None else None
-            self.stopped_by = here or "a signal to another process"
+            self.stopped_by = self._name()
             logger.warning(
                 "Received %s: saving checkpoint-%d in %s and stopping. Resume with --resume_from_checkpoint.",
                 self.stopped_by,
@@ -124,6 +209,13 @@ class SaveOnSignal(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
+        # Every process ends training after the same step: one last vote for a signal since the last agreed step.
+        if self.stopped_by is None and any_process(self.received is not None, args.device):
+            self.stopped_by = self._name()
+            logger.warning("Received %s as training ended, after step %d.", self.stopped_by, state.global_step)
+        self._restore()
+
+    def _restore(self) -> None:
         for sig, handler in self._previous.items():
             if signal.getsignal(sig) == self._request:
                 signal.signal(sig, handler)

@@ -1,6 +1,11 @@
-"""TrainingTimeBudget: training time excludes evaluations, the budget stops and saves, logs carry the minutes."""
+"""TrainingTimeBudget: training time excludes evaluations, the budget stops and saves, logs carry the minutes.
+SaveOnSignal and the budget: all processes stop after the same step, agreeing at rare agreed steps, not every step;
+outside the main thread SaveOnSignal warns instead of failing."""
 
 from __future__ import annotations
+
+import logging
+import signal
 
 import pytest
 from transformers import TrainerControl, TrainerState, TrainingArguments
@@ -15,6 +20,15 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+@pytest.fixture(autouse=True)
+def keep_signal_handlers():
+    """SaveOnSignal installs handlers; tests that do not end training leave them: give pytest its own back."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
 
 
 @pytest.fixture
@@ -92,8 +106,6 @@ def test_any_process_agrees_across_two_processes(votes):
 
 
 def test_save_on_signal_stops_with_a_checkpoint_and_no_evaluation_and_restores_the_handlers(tmp_path):
-    import signal
-
     args, state, control = TrainingArguments(output_dir=str(tmp_path), use_cpu=True), TrainerState(), TrainerControl()
     before = signal.getsignal(signal.SIGTERM)
     stopper = callbacks.SaveOnSignal()
@@ -107,3 +119,182 @@ def test_save_on_signal_stops_with_a_checkpoint_and_no_evaluation_and_restores_t
     assert stopper.stopped_by == "SIGTERM"
     stopper.on_train_end(args, state, control)
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+# ----------------------------------------------------------------------------------------------- agreeing rarely
+
+
+class FakeGroup:
+    """A process group of 2 seen from rank 0, without processes: each all-reduce is counted and takes the maximum
+    with the other process's values (its stop flag, and its step time, slower than ours)."""
+
+    def __init__(self, monkeypatch, other_seconds_per_step: float = 0.1) -> None:
+        self.calls = 0
+        self.other_stops = False
+        self.other_seconds_per_step = other_seconds_per_step
+        monkeypatch.setattr(callbacks.dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(callbacks.dist, "get_world_size", lambda *args: 2)
+        monkeypatch.setattr(callbacks.dist, "all_reduce", self.all_reduce)
+
+    def all_reduce(self, tensor, op=None, **kwargs):
+        self.calls += 1
+        tensor[0] = max(tensor[0].item(), int(self.other_stops))
+        if tensor.numel() > 1:
+            tensor[1] = max(tensor[1].item(), self.other_seconds_per_step)
+
+
+def _train(callback, clock, steps: int, max_steps: int = 10**6, seconds_per_step: float = 0.05, at_step=None):
+    """Step ends of `steps` steps of `seconds_per_step` each until the callback stops training; `at_step`: called
+    before step end `n` with n. Returns the step training stopped at (None if it did not) and the control."""
+    args = TrainingArguments(output_dir="unused", use_cpu=True)
+    state, control = TrainerState(max_steps=max_steps), TrainerControl()
+    callback.on_train_begin(args, state, control)
+    for step in range(1, steps + 1):
+        clock.now += seconds_per_step
+        if at_step:
+            at_step(step)
+        state.global_step = step
+        callback.on_step_end(args, state, control)
+        if control.should_training_stop:
+            return step, control
+    return None, control
+
+
+def test_two_processes_agree_on_a_signal_at_rare_agreed_steps_not_at_every_step(clock, monkeypatch):
+    """Another process's signal at step 50 stops this one too, at an agreed step no more than K steps later, where
+    K is how many of the slowest process's steps (0.1 s) fit in 2 s: a few collectives in 60-odd steps, not one per
+    step (before: 50 all-reduces for 50 steps)."""
+    group = FakeGroup(monkeypatch)
+    stopper = callbacks.SaveOnSignal()
+
+    def signal_elsewhere(step):
+        group.other_stops = step >= 50
+
+    stopped_at, control = _train(stopper, clock, steps=200, at_step=signal_elsewhere)
+    assert stopped_at is not None and group.calls <= 5, (stopped_at, group.calls)  # votes at steps 1, 1 + K, ...
+    assert 15 <= stopper.agreement.every <= 20  # 2 s of 0.1 s steps (float32 may make it 19)
+    assert 50 <= stopped_at <= 50 + stopper.agreement.every, stopped_at
+    assert control.should_save and not control.should_evaluate
+    assert stopper.stopped_by == "a signal to another process"
+
+
+def test_a_spent_budget_is_agreed_on_rarely_too(clock, monkeypatch):
+    group = FakeGroup(monkeypatch)
+    budget = TrainingTimeBudget(max_minutes=1.0)
+    stopped_at, control = _train(budget, clock, steps=5000)  # 0.05 s steps: 1,200 of them in a minute
+    assert stopped_at is not None and group.calls <= 2 + stopped_at // 15, (stopped_at, group.calls)
+    assert 1200 <= stopped_at <= 1200 + budget.agreement.every and control.should_save
+
+
+def test_a_signal_in_the_last_steps_is_agreed_on_at_the_last_step_and_skips_the_final_evaluation(clock, monkeypatch):
+    group = FakeGroup(monkeypatch)
+    stopper = callbacks.SaveOnSignal()
+
+    def signal_here(step):
+        if step == 25:  # after the agreed step 20 or 21 (K = 19 or 20), before the next one
+            stopper.received = signal.SIGTERM
+
+    stopped_at, control = _train(stopper, clock, steps=30, max_steps=30, at_step=signal_here)
+    assert stopped_at == 30 and stopper.stopped_by == "SIGTERM" and not control.should_evaluate
+    assert group.calls == 3  # steps 1, 20 or 21, and 30
+
+
+def test_a_signal_after_the_last_agreed_step_is_agreed_on_when_training_ends(clock, monkeypatch):
+    """Training ended by something else (a spent budget) between two agreed steps: one more vote at its end."""
+    group = FakeGroup(monkeypatch)
+    stopper = callbacks.SaveOnSignal()
+    args, state = TrainingArguments(output_dir="unused", use_cpu=True), TrainerState(max_steps=10**6)
+    assert _train(stopper, clock, steps=10)[0] is None
+    calls = group.calls
+    group.other_stops = True
+    stopper.on_train_end(args, state, TrainerControl())
+    assert group.calls == calls + 1 and stopper.stopped_by == "a signal to another process"
+
+
+def test_one_process_checks_its_flag_at_every_step_with_no_collective(clock, monkeypatch):
+    calls = []
+    monkeypatch.setattr(callbacks.dist, "all_reduce", lambda *args, **kwargs: calls.append(args))
+    stopper = callbacks.SaveOnSignal()
+    stopped_at, _ = _train(stopper, clock, steps=100, at_step=lambda step: step == 7 and stopper._request(15, None))
+    assert stopped_at == 7 and stopper.stopped_by == "SIGTERM" and calls == []
+
+
+def _train_two_processes(rank: int, port: int, results) -> None:
+    """Rank 1 gets a signal at step 33; rank 0 steps in 0.05 s, rank 1 in 0.1 s (fake clocks). Each process reports
+    the step it stopped at, its all-reduces and its K."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    clock = Clock()
+    callbacks.time.perf_counter = clock
+    calls = [0]
+    all_reduce = dist.all_reduce
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return all_reduce(*args, **kwargs)
+
+    dist.all_reduce = counted
+    stopper = callbacks.SaveOnSignal()
+
+    def signal_rank_1(step):
+        if rank == 1 and step == 33:
+            stopper.received = signal.SIGTERM
+
+    stopped_at, _ = _train(stopper, clock, steps=300, seconds_per_step=0.05 * (rank + 1), at_step=signal_rank_1)
+    every = stopper.agreement.every if hasattr(stopper, "agreement") else None
+    results.put((rank, stopped_at, calls[0], every, stopper.stopped_by))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_stop_after_the_same_step_with_few_all_reduces():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_train_two_processes, args=(port, results), nprocs=2, join=True)
+    outcome = {rank: rest for rank, *rest in (results.get() for _ in range(2))}
+    (step0, calls0, every0, by0), (step1, calls1, every1, by1) = outcome[0], outcome[1]
+    assert calls0 == calls1 <= 2 + step0 // 10, outcome  # before: one all-reduce per step
+    assert step0 == step1 and 33 <= step0 <= 33 + every0, outcome  # the same step, at most K after the signal
+    assert every0 == every1 >= 10, outcome  # K from the slower process, agreed by both
+    assert (by0, by1) == ("a signal to another process", "SIGTERM")
+
+
+# ------------------------------------------------------------------------------------------ outside the main thread
+
+
+def test_save_on_signal_outside_the_main_thread_warns_instead_of_failing(tmp_path, caplog):
+    """A notebook training in a thread, a Ray worker: Python installs signal handlers from the main thread only
+    (before: ValueError "signal only works in main thread")."""
+    import threading
+
+    args, state, control = TrainingArguments(output_dir=str(tmp_path), use_cpu=True), TrainerState(), TrainerControl()
+    before = {sig: signal.getsignal(sig) for sig in callbacks.SaveOnSignal.SIGNALS}
+    stopper = callbacks.SaveOnSignal()
+    errors = []
+
+    def train():
+        try:
+            stopper.on_train_begin(args, state, control)
+            stopper.on_step_end(args, state, control)
+            stopper.on_train_end(args, state, control)
+        except Exception as error:  # reported to the test's thread
+            errors.append(error)
+
+    with caplog.at_level(logging.WARNING, logger=callbacks.__name__):
+        thread = threading.Thread(target=train)
+        thread.start()
+        thread.join()
+    assert errors == []
+    assert "SIGTERM and Ctrl-C will not save a checkpoint" in caplog.text and "main thread" in caplog.text
+    assert {sig: signal.getsignal(sig) for sig in callbacks.SaveOnSignal.SIGNALS} == before
+    assert not control.should_training_stop and stopper.stopped_by is None
