@@ -121,6 +121,11 @@ class TokenBatchSeq2SeqTrainer(Seq2SeqTrainer):
     ``max_tokens // (processes * gradient_accumulation_steps)`` tokens (`tokens_per_batch`); fairseq's
     ``--max-tokens`` is that per-process figure instead. ``per_device_train_batch_size`` is ignored for training;
     evaluation still uses ``per_device_eval_batch_size``.
+
+    The update is the gradient of the whole batch's mean token loss, however its tokens fall into batches and
+    processes: Trainer counts the update's target tokens (`num_items_in_batch`, gathered over processes by
+    ``average_tokens_across_devices``, its default) and the model divides its summed token losses by that count
+    (its `accepts_loss_kwargs`). Without it, each batch's mean would weigh the same whatever its token count.
     """
 
     def __init__(self, *args, max_tokens: int, **kwargs):
@@ -133,6 +138,11 @@ class TokenBatchSeq2SeqTrainer(Seq2SeqTrainer):
                 f"max_tokens={max_tokens} is the budget of one optimizer step; shared by "
                 f"{self.accelerator.num_processes} processes x {self.args.gradient_accumulation_steps} accumulation "
                 "steps it leaves no token per batch"
+            )
+        if self.accelerator.num_processes > 1 and not self.args.average_tokens_across_devices:
+            logger.warning(
+                "average_tokens_across_devices is off: each process's tokens are weighed by its own count, so the "
+                "update is not the gradient of the whole batch's mean loss"
             )
         logger.info(
             "Token batches: about %d tokens per side and update = %d process(es) x %d accumulation step(s) x %d "

@@ -17,10 +17,26 @@ import torch
 import torch.nn.functional as F
 
 
-def label_smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, epsilon: float) -> torch.Tensor:
+def label_smoothed_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, epsilon: float, num_items_in_batch: torch.Tensor | int | None = None
+) -> torch.Tensor:
     """The loss of §5.4 from full logits (B, T, V) and labels (B, T): the mean over positions not labelled -100 of
-    (1 - epsilon) * -log p(y) + epsilon * mean_v -log p(v). Equal to transformers' `LabelSmoother`."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, label_smoothing=epsilon)
+    (1 - epsilon) * -log p(y) + epsilon * mean_v -log p(v). Equal to transformers' `LabelSmoother`.
+
+    Given `num_items_in_batch` (Trainer's count of the target tokens of a whole update: all its accumulation steps
+    and processes), the sum of those per-token losses divided by it instead: summed over the update, every token
+    weighs the same, as in one forward over the whole batch."""
+    flat_logits, flat_labels = logits.flatten(0, 1).float(), labels.flatten()
+    if num_items_in_batch is None:
+        return F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, label_smoothing=epsilon)
+    total = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, label_smoothing=epsilon, reduction="sum")
+    return total / _divisor(num_items_in_batch, total.device)
+
+
+def _divisor(num_items_in_batch: torch.Tensor | int, device: torch.device) -> torch.Tensor:
+    """Trainer's token count (an int, or a tensor, possibly float and on another device) as an fp32 scalar on
+    `device`. No host sync: a count on an accelerator stays there."""
+    return torch.as_tensor(num_items_in_batch, device=device).float().reshape(())
 
 
 # Rows of logits materialised at once by the fused loss. Each chunk is one (rows, V) fp32 buffer: 8 MiB at V = 8000,
@@ -37,9 +53,11 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     gradient of the logits, softmax(z) - (1 - epsilon) onehot(y) - epsilon / V, and multiplied into both gradients
     at once. The matmul FLOPs are the same: z = h W^T, dL/dh = g W, dL/dW = g^T h.
 
-    The gradients are kept per row, not yet divided by the N rows of the mean, until `backward` multiplies them by
-    the incoming gradient (which carries a GradScaler's loss scale) in fp32: under fp16 autocast, dividing first
-    would push the non-target entries (~epsilon / V / N, some 1e-9 at V = 37,000) below fp16's range.
+    The loss is the sum over the N rows divided by `divisor`: N itself (the mean) or, in a Trainer update, the
+    target-token count of the whole update (`num_items_in_batch`, over accumulation steps and processes). The
+    gradients are kept per row, not yet divided by it, until `backward` multiplies them by the incoming gradient
+    (which carries a GradScaler's loss scale) over the divisor in fp32: under fp16 autocast, dividing first would
+    push the non-target entries (~epsilon / V / N, some 1e-9 at V = 37,000) below fp16's range.
     """
 
     @staticmethod
@@ -50,6 +68,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         targets: torch.Tensor,  # (N,)
         epsilon: float,
         chunk_rows: int,
+        divisor: torch.Tensor,  # () fp32: the rows' count for their mean, or the update's token count
     ) -> torch.Tensor:
         device_type = hidden.device.type
         # Under autocast the matmuls run in its dtype, as nn.Linear's would; the softmax is always fp32.
@@ -77,18 +96,18 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                     grad_weight.addmm_(g.t(), h_chunk)  # (V, c) @ (c, D), accumulated in place
                 elif grad_weight is not None:
                     grad_weight += torch.mm(g.t(), h_chunk).float()  # half-precision product, fp32 sum
-        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.save_for_backward(grad_hidden, grad_weight, divisor)
         ctx.dtypes = (hidden.dtype, weight.dtype)
-        return total / rows
+        return total / divisor
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
-        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden, grad_weight, divisor = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
-        scale = grad_loss.float() / grad_hidden.shape[0]  # the mean over rows, times the incoming (scaled) gradient
+        scale = grad_loss.float() / divisor  # the incoming (scaled) gradient over the divisor, in fp32
         grad_h = (grad_hidden.float() * scale).to(hidden_dtype) if ctx.needs_input_grad[0] else None
         grad_w = (grad_weight * scale).to(weight_dtype) if grad_weight is not None else None
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
 def can_fuse(output_projection: torch.nn.Module) -> bool:
@@ -121,17 +140,24 @@ def can_fuse(output_projection: torch.nn.Module) -> bool:
 
 
 def fused_linear_cross_entropy(
-    hidden_states: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, epsilon: float
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    epsilon: float,
+    num_items_in_batch: torch.Tensor | int | None = None,
 ) -> torch.Tensor:
-    """`label_smoothed_cross_entropy(hidden_states @ weight.T, labels, epsilon)` without the (B, T, V) logits, and
-    without projecting the positions labelled -100 at all (padding: about 10% of a token batch, more of a padded one).
+    """`label_smoothed_cross_entropy(hidden_states @ weight.T, labels, epsilon, num_items_in_batch)` without the
+    (B, T, V) logits, and without projecting the positions labelled -100 at all (padding: about 10% of a token batch,
+    more of a padded one).
 
     hidden_states (B, T, D), weight (V, D), labels (B, T). Same value and gradients as the plain path up to float
-    rounding (tests hold them to 1e-5).
+    rounding (tests hold them to 1e-5): the mean over target tokens, or their sum over `num_items_in_batch`.
     """
     rows = (labels.flatten() != -100).nonzero().squeeze(1)  # the one data-dependent shape (a graph break under compile)
     hidden, targets = hidden_states.flatten(0, 1).index_select(0, rows), labels.flatten().index_select(0, rows)
-    return _FusedLinearCrossEntropy.apply(hidden, weight, targets, epsilon, FUSED_LOSS_CHUNK_ROWS)
+    count = rows.shape[0] if num_items_in_batch is None else num_items_in_batch
+    divisor = _divisor(count, hidden_states.device)
+    return _FusedLinearCrossEntropy.apply(hidden, weight, targets, epsilon, FUSED_LOSS_CHUNK_ROWS, divisor)
 
 
 __all__ = ["FUSED_LOSS_CHUNK_ROWS", "can_fuse", "fused_linear_cross_entropy", "label_smoothed_cross_entropy"]

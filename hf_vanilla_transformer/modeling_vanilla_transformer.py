@@ -37,6 +37,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_vanilla_transformer import VanillaTransformerConfig
 from .generation_vanilla_transformer import VanillaTransformerGenerationMixin
@@ -56,16 +57,124 @@ def shift_tokens_right(input_ids: Tensor, pad_token_id: int, decoder_start_token
     return shifted.masked_fill(shifted == -100, pad_token_id)
 
 
+# transformers' base class: initialisation, tying, strict loading, capabilities --------------------------------------
+
+
+class VanillaTransformerPreTrainedModel(PreTrainedModel):
+    """Initialisation, tying, strict loading and the capabilities transformers reads off the class.
+
+    Deviation: the paper states no initialisation. By default (`init_std=0.02`) every Linear weight and embedding is
+    drawn from N(0, 0.02), as in BART and Marian, with zero biases, a zero padding row and identity LayerNorms: on
+    real data it trained far better than fairseq's scheme (README, "Real data"), as small sub-layer outputs leave
+    each post-LN block near the identity early on (Liu et al., 2020). `init_std=None` gives fairseq's scheme:
+    Xavier-uniform Linears and N(0, d_model^-0.5) embeddings, which the sqrt(d_model) of §3.4 brings to unit size.
+    """
+
+    config_class = VanillaTransformerConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["VanillaTransformerEncoderLayer", "VanillaTransformerDecoderLayer"]
+    # Trainer passes `num_items_in_batch`, the target tokens of the whole update (all accumulation steps and processes);
+    # the loss is their summed losses over it, and Trainer then neither divides by the accumulation steps nor lets DDP's
+    # average shrink it: every token of the update weighs the same (§5.1), as in one forward over the whole batch.
+    accepts_loss_kwargs = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """`PreTrainedModel.from_pretrained`, made strict: weights only from safetensors (never unpickled from
+        `pytorch_model.bin`), and a config that does not match the weights is an error naming the parameters,
+        not a logged report beside a half-random model."""
+        kwargs.setdefault("use_safetensors", True)
+        want_info = kwargs.pop("output_loading_info", False)
+        where = pretrained_model_name_or_path
+        try:
+            model, info = super().from_pretrained(where, *args, output_loading_info=True, **kwargs)
+        except SafetensorError as error:
+            raise OSError(
+                f"Cannot read the weights in {where}: model.safetensors is damaged or truncated ({error})."
+            ) from error
+        except RuntimeError as error:
+            if "ignore_mismatched_sizes" not in str(error):
+                raise
+            _, info = super().from_pretrained(
+                where, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+            )
+            raise ValueError(f"The config in {where} does not match its weights: {_describe(info)}") from None
+        problems = "" if kwargs.get("ignore_mismatched_sizes") else _describe(info)
+        if problems:
+            raise ValueError(f"The config in {where} does not match its weights: {problems}")
+        return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
+        """`PreTrainedModel.save_pretrained`, with `AutoModel` in the saved `auto_map` as well.
+
+        transformers maps only the class being saved, so a checkpoint of the seq2seq model would load with
+        `AutoModelForSeq2SeqLM` but not `AutoModel` where the package is not installed (`trust_remote_code=True`).
+        The bare model is in the same code file, and `from_pretrained` strips the `model.` prefix for it.
+
+        A model sharded with FSDP2 (`fully_shard`) is an instance of a subclass that torch defines (`FSDP<Name>`, see
+        `is_remote_code`): its code, copied here, is this package's. Give its gathered weights as `state_dict`
+        (`Accelerator.get_state_dict`)."""
+        if self._auto_class is not None:
+            bare = f"{_own_class(type(self)).__module__.rsplit('.', 1)[-1]}.VanillaTransformerModel"
+            self.config.auto_map = {"AutoModel": bare, **(getattr(self.config, "auto_map", None) or {})}
+            if _own_class(type(self)) is not type(self) and kwargs.get("is_main_process", True):
+                os.makedirs(save_directory, exist_ok=True)
+                # Only the class is read (its module, name and `_auto_class`): an instance without `__init__`.
+                custom_object_save(object.__new__(_own_class(type(self))), save_directory, config=self.config)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def is_remote_code(cls) -> bool:
+        """Whether transformers copies the class's code beside its weights. Not for a subclass that torch defines
+        (FSDP2's `FSDP<Name>`): transformers would copy torch's files as the model's code; `save_pretrained`
+        copies this package's for it."""
+        return super().is_remote_code() and _own_class(cls) is cls
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.init_std or self.config.d_model**-0.5
+        if isinstance(module, nn.Linear):
+            if self.config.init_std is None:
+                init.xavier_uniform_(module.weight)
+            else:
+                init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
+                init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, (nn.LayerNorm, VanillaTransformerMaskedBatchNorm)):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            if isinstance(module, VanillaTransformerMaskedBatchNorm):
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+        elif isinstance(module, VanillaTransformerAttention) and module.attention_type == "additive":
+            for weight in (module.additive_query, module.additive_key, module.additive_score):
+                init.normal_(weight, mean=0.0, std=module.head_dim**-0.5)
+        elif isinstance(module, VanillaTransformerSinusoidalPositionalEncoding):
+            # from_pretrained builds on the meta device and leaves non-persistent buffers empty: refill it here.
+            init.copy_(module.pe, sinusoidal_table(module.num_positions, module.dim))
+
+
 # §3.1 Encoder and decoder stacks --------------------------------------------------------------------------------------
 
 
-class VanillaTransformerStack(nn.Module):
+class VanillaTransformerStack(VanillaTransformerPreTrainedModel):
     """What the encoder and decoder stacks share: N layers, and at their input the token embedding times
-    sqrt(d_model) (§3.4) plus the positional encoding (§3.5), followed by dropout (§5.4)."""
+    sqrt(d_model) (§3.4) plus the positional encoding (§3.5), followed by dropout (§5.4). Each stack is a
+    `PreTrainedModel`, as in Marian and BART, so that transformers' output recording (`capture_outputs`, which reads
+    `_can_record_outputs`) collects its hidden states and attention weights with hooks, not hand-wired tuples.
+    Unlike Marian's, a stack does not call `post_init` itself: the model that holds it initialises every module once
+    (a stack's own pass would also draw the decoder's embedding, which tying then discards, and shift every later
+    draw, so the same seed would no longer give the weights the recipes were measured with)."""
 
     def __init__(self, config: VanillaTransformerConfig, layers: list[nn.Module]) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model, padding_idx=config.pad_token_id)
         self.embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
         learned = config.position_embedding_type == "learned"
@@ -108,50 +217,53 @@ class VanillaTransformerStack(nn.Module):
 class VanillaTransformerEncoder(VanillaTransformerStack):
     """A stack of N encoder layers over the embedded source (Figure 1, left)."""
 
+    @property
+    def _can_record_outputs(self) -> dict[str, Any]:  # a property: the classes it names come later in the file
+        """`output_hidden_states`: each layer's input, then the last output; `output_attentions`: each layer's
+        attention weights."""
+        return {"hidden_states": VanillaTransformerEncoderLayer, "attentions": VanillaTransformerAttention}
+
     def __init__(self, config: VanillaTransformerConfig) -> None:
         super().__init__(config, [VanillaTransformerEncoderLayer(config, i) for i in range(config.encoder_layers)])
 
-    @can_return_tuple
+    @capture_outputs
     def forward(
         self,
         input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
         **kwargs: Any,
     ) -> BaseModelOutput:
-        """input_ids (B, S) and attention_mask (B, S; 1 for tokens, 0 for padding). Returns (B, S, D)."""
+        """input_ids (B, S) and attention_mask (B, S; 1 for tokens, 0 for padding). Returns (B, S, D); with
+        `output_hidden_states` / `output_attentions` (keyword arguments), those of every layer too."""
         batch_size, src_len = _batch_and_length(input_ids, inputs_embeds, "input_ids")
         _check_mask("attention_mask", attention_mask, batch_size, src_len)
         hidden_states = self.embed(input_ids, inputs_embeds)
         padding_mask = self.norm_padding_mask(input_ids, attention_mask, src_len, from_ids=False)  # (B, S)
         # (B, S) padding mask -> (B, 1, S, S) in the form the attention implementation wants (None if no padding).
         mask = create_bidirectional_mask(self.config, hidden_states, attention_mask)
-        all_hidden, all_attentions = [], []
         for layer in self.layers:
-            all_hidden.append(hidden_states)
-            hidden_states, weights = layer(
-                hidden_states, mask, output_attentions=bool(output_attentions), padding_mask=padding_mask
-            )
-            all_attentions.append(weights)
-        hidden_states = self.final_norm(hidden_states)
-        all_hidden.append(hidden_states)
-        return BaseModelOutput(
-            last_hidden_state=hidden_states,
-            hidden_states=tuple(all_hidden) if output_hidden_states else None,
-            attentions=tuple(all_attentions) if output_attentions else None,
-        )
+            hidden_states = layer(hidden_states, mask, padding_mask=padding_mask)
+        return BaseModelOutput(last_hidden_state=self.final_norm(hidden_states))
 
 
 class VanillaTransformerDecoder(VanillaTransformerStack):
     """A stack of N decoder layers over the embedded, right-shifted target (Figure 1, right). With `use_cache`, keys
     and values of earlier steps live in an `EncoderDecoderCache`; each step feeds only the new tokens."""
 
+    @property
+    def _can_record_outputs(self) -> dict[str, Any]:
+        """As the encoder's, with the masked self-attention and the cross-attention weights recorded apart."""
+        return {
+            "hidden_states": VanillaTransformerDecoderLayer,
+            "attentions": OutputRecorder(VanillaTransformerAttention, index=1, layer_name="self_attn"),
+            "cross_attentions": OutputRecorder(VanillaTransformerAttention, index=1, layer_name="encoder_attn"),
+        }
+
     def __init__(self, config: VanillaTransformerConfig) -> None:
         super().__init__(config, [VanillaTransformerDecoderLayer(config, i) for i in range(config.decoder_layers)])
 
-    @can_return_tuple
+    @capture_outputs
     def forward(
         self,
         input_ids: Tensor | None = None,
@@ -161,8 +273,6 @@ class VanillaTransformerDecoder(VanillaTransformerStack):
         past_key_values: Cache | None = None,
         inputs_embeds: Tensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPastAndCrossAttentions:
         """input_ids (B, T), attention_mask (B, P + T), encoder_hidden_states (B, S, D) or, with several decoder rows
@@ -187,28 +297,17 @@ class VanillaTransformerDecoder(VanillaTransformerStack):
         cross_mask = create_bidirectional_mask(
             self.config, queries, encoder_attention_mask, encoder_hidden_states=encoder_hidden_states
         )
-        all_hidden, self_attentions, cross_attentions = [], [], []
         for layer in self.layers:
-            all_hidden.append(hidden_states)
-            hidden_states, self_weights, cross_weights = layer(
+            hidden_states = layer(
                 hidden_states,
                 causal_mask,
                 encoder_hidden_states,  # positional: reentrant checkpointing only gives gradients to positional tensors
                 encoder_attention_mask=cross_mask,
                 past_key_values=past_key_values,
-                output_attentions=bool(output_attentions),
                 padding_mask=padding_mask,
             )
-            self_attentions.append(self_weights)
-            cross_attentions.append(cross_weights)
-        hidden_states = self.final_norm(hidden_states)
-        all_hidden.append(hidden_states)
         return BaseModelOutputWithPastAndCrossAttentions(
-            last_hidden_state=hidden_states,
-            **{CACHE_FIELD: past_key_values if use_cache else None},
-            hidden_states=tuple(all_hidden) if output_hidden_states else None,
-            attentions=tuple(self_attentions) if output_attentions else None,
-            cross_attentions=tuple(cross_attentions) if output_attentions else None,
+            last_hidden_state=self.final_norm(hidden_states), **{CACHE_FIELD: past_key_values if use_cache else None}
         )
 
 
@@ -226,17 +325,12 @@ class VanillaTransformerEncoderLayer(GradientCheckpointingLayer):
         self.ffn_block = VanillaTransformerSublayer(config)
 
     def forward(
-        self,
-        hidden_states: Tensor,
-        attention_mask: Tensor | None = None,
-        output_attentions: bool = False,
-        padding_mask: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """hidden_states (B, S, D) -> (B, S, D), and the attention weights (B, H, S, S) if asked for."""
-        self_attention = partial(self.self_attn, attention_mask=attention_mask, output_attentions=output_attentions)
-        hidden_states, weights = self.self_attn_block(hidden_states, self_attention, padding_mask)
-        hidden_states, _ = self.ffn_block(hidden_states, self.ffn, padding_mask)
-        return hidden_states, weights
+        self, hidden_states: Tensor, attention_mask: Tensor | None = None, padding_mask: Tensor | None = None
+    ) -> Tensor:
+        """hidden_states (B, S, D) -> (B, S, D)."""
+        self_attention = partial(self.self_attn, attention_mask=attention_mask)
+        hidden_states = self.self_attn_block(hidden_states, self_attention, padding_mask)
+        return self.ffn_block(hidden_states, self.ffn, padding_mask)
 
 
 class VanillaTransformerDecoderLayer(GradientCheckpointingLayer):
@@ -261,19 +355,19 @@ class VanillaTransformerDecoderLayer(GradientCheckpointingLayer):
         encoder_hidden_states: Tensor,
         encoder_attention_mask: Tensor | None = None,
         past_key_values: EncoderDecoderCache | None = None,
-        output_attentions: bool = False,
         padding_mask: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """hidden_states (B, T, D) -> (B, T, D), and the self- and cross-attention weights if asked for."""
-        cached = {"past_key_values": past_key_values, "output_attentions": output_attentions}
-        self_attention = partial(self.self_attn, attention_mask=attention_mask, **cached)
-        hidden_states, self_weights = self.self_attn_block(hidden_states, self_attention, padding_mask)
+    ) -> Tensor:
+        """hidden_states (B, T, D) -> (B, T, D)."""
+        self_attention = partial(self.self_attn, attention_mask=attention_mask, past_key_values=past_key_values)
+        hidden_states = self.self_attn_block(hidden_states, self_attention, padding_mask)
         cross_attention = partial(
-            self.encoder_attn, key_value_states=encoder_hidden_states, attention_mask=encoder_attention_mask, **cached
+            self.encoder_attn,
+            key_value_states=encoder_hidden_states,
+            attention_mask=encoder_attention_mask,
+            past_key_values=past_key_values,
         )
-        hidden_states, cross_weights = self.encoder_attn_block(hidden_states, cross_attention, padding_mask)
-        hidden_states, _ = self.ffn_block(hidden_states, self.ffn, padding_mask)
-        return hidden_states, self_weights, cross_weights
+        hidden_states = self.encoder_attn_block(hidden_states, cross_attention, padding_mask)
+        return self.ffn_block(hidden_states, self.ffn, padding_mask)
 
 
 class VanillaTransformerSublayer(nn.Module):
@@ -299,14 +393,13 @@ class VanillaTransformerSublayer(nn.Module):
             return self.batch_norm(x, padding_mask)
         return self.layer_norm(x)
 
-    def forward(
-        self, x: Tensor, sublayer: Callable[[Tensor], Any], padding_mask: Tensor | None = None
-    ) -> tuple[Tensor, Tensor | None]:
-        """The new residual stream, and the attention weights when the sub-layer is attention (else None)."""
+    def forward(self, x: Tensor, sublayer: Callable[[Tensor], Any], padding_mask: Tensor | None = None) -> Tensor:
+        """The new residual stream. (An attention sub-layer also returns its weights, which the decoder or encoder
+        records from the attention module itself when asked for them.)"""
         output = sublayer(self.norm(x, padding_mask) if self.normalize_before else x)
-        output, weights = output if isinstance(output, tuple) else (output, None)
+        output = output[0] if isinstance(output, tuple) else output
         x = x + F.dropout(output, self.dropout, self.training)
-        return (x if self.normalize_before else self.norm(x, padding_mask)), weights
+        return x if self.normalize_before else self.norm(x, padding_mask)
 
 
 class VanillaTransformerMaskedBatchNorm(nn.Module):
@@ -446,10 +539,10 @@ class VanillaTransformerAttention(nn.Module):
         key_value_states: Tensor | None = None,
         attention_mask: Tensor | None = None,
         past_key_values: EncoderDecoderCache | None = None,
-        output_attentions: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         """hidden_states (B, Tq, D) give the queries; key_value_states (B, Tk, D), the encoder output, give keys
-        and values for cross-attention. Returns (B, Tq, D) and, with `output_attentions`, (B, H, Tq, Tk)."""
+        and values for cross-attention. Returns (B, Tq, D) and the attention weights (B, H, Tq, Tk) where the
+        implementation computes them (eager; "sdpa" returns None), which `output_attentions` records."""
         query = self._split_heads(self.q_proj(hidden_states))  # (B, H, Tq, Dh)
         key, value = self._keys_values(key_value_states if self.is_cross else hidden_states, past_key_values)
         group = query.shape[0] // key.shape[0]  # decoder rows per source (`rows_per_source`); 1 but in beam search
@@ -470,7 +563,7 @@ class VanillaTransformerAttention(nn.Module):
             if weights is not None:  # (B, H, g * Tq, Tk) -> (B * g, H, Tq, Tk)
                 weights = weights.unflatten(2, (group, -1)).transpose(1, 2).flatten(0, 1)
         output = self.out_proj(output.reshape(*hidden_states.shape[:-1], -1))  # Concat(heads) W^O: (B, Tq, D)
-        return output, (weights if output_attentions else None)
+        return output, weights
 
     def _split_heads(self, x: Tensor) -> Tensor:
         return x.view(*x.shape[:-1], self.num_heads, self.head_dim).transpose(1, 2)  # (B, L, D) -> (B, H, L, Dh)
@@ -521,106 +614,6 @@ class VanillaTransformerFeedForward(nn.Module):
 
 
 # §3.4 Embeddings and softmax: one shared matrix, and the model classes that tie it ------------------------------------
-
-
-class VanillaTransformerPreTrainedModel(PreTrainedModel):
-    """Initialisation, tying, strict loading and the capabilities transformers reads off the class.
-
-    Deviation: the paper states no initialisation. By default (`init_std=0.02`) every Linear weight and embedding is
-    drawn from N(0, 0.02), as in BART and Marian, with zero biases, a zero padding row and identity LayerNorms: on
-    real data it trained far better than fairseq's scheme (README, "Real data"), as small sub-layer outputs leave
-    each post-LN block near the identity early on (Liu et al., 2020). `init_std=None` gives fairseq's scheme:
-    Xavier-uniform Linears and N(0, d_model^-0.5) embeddings, which the sqrt(d_model) of §3.4 brings to unit size.
-    """
-
-    config_class = VanillaTransformerConfig
-    base_model_prefix = "model"
-    main_input_name = "input_ids"
-    supports_gradient_checkpointing = True
-    _supports_sdpa = True
-    _no_split_modules = ["VanillaTransformerEncoderLayer", "VanillaTransformerDecoderLayer"]
-    # Loss is a mean over target tokens; tell Trainer not to expect `num_items_in_batch` (see notes: with **kwargs
-    # it would otherwise skip dividing by gradient-accumulation steps).
-    accepts_loss_kwargs = False
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
-        """`PreTrainedModel.from_pretrained`, made strict: weights only from safetensors (never unpickled from
-        `pytorch_model.bin`), and a config that does not match the weights is an error naming the parameters,
-        not a logged report beside a half-random model."""
-        kwargs.setdefault("use_safetensors", True)
-        want_info = kwargs.pop("output_loading_info", False)
-        where = pretrained_model_name_or_path
-        try:
-            model, info = super().from_pretrained(where, *args, output_loading_info=True, **kwargs)
-        except SafetensorError as error:
-            raise OSError(
-                f"Cannot read the weights in {where}: model.safetensors is damaged or truncated ({error})."
-            ) from error
-        except RuntimeError as error:
-            if "ignore_mismatched_sizes" not in str(error):
-                raise
-            _, info = super().from_pretrained(
-                where, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
-            )
-            raise ValueError(f"The config in {where} does not match its weights: {_describe(info)}") from None
-        problems = "" if kwargs.get("ignore_mismatched_sizes") else _describe(info)
-        if problems:
-            raise ValueError(f"The config in {where} does not match its weights: {problems}")
-        return (model, info) if want_info else model
-
-    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> Any:
-        """`PreTrainedModel.save_pretrained`, with `AutoModel` in the saved `auto_map` as well.
-
-        transformers maps only the class being saved, so a checkpoint of the seq2seq model would load with
-        `AutoModelForSeq2SeqLM` but not `AutoModel` where the package is not installed (`trust_remote_code=True`).
-        The bare model is in the same code file, and `from_pretrained` strips the `model.` prefix for it.
-
-        A model sharded with FSDP2 (`fully_shard`) is an instance of a subclass that torch defines (`FSDP<Name>`, see
-        `is_remote_code`): its code, copied here, is this package's. Give its gathered weights as `state_dict`
-        (`Accelerator.get_state_dict`)."""
-        if self._auto_class is not None:
-            bare = f"{_own_class(type(self)).__module__.rsplit('.', 1)[-1]}.VanillaTransformerModel"
-            self.config.auto_map = {"AutoModel": bare, **(getattr(self.config, "auto_map", None) or {})}
-            if _own_class(type(self)) is not type(self) and kwargs.get("is_main_process", True):
-                os.makedirs(save_directory, exist_ok=True)
-                # Only the class is read (its module, name and `_auto_class`): an instance without `__init__`.
-                custom_object_save(object.__new__(_own_class(type(self))), save_directory, config=self.config)
-        return super().save_pretrained(save_directory, *args, **kwargs)
-
-    @classmethod
-    def is_remote_code(cls) -> bool:
-        """Whether transformers copies the class's code beside its weights. Not for a subclass that torch defines
-        (FSDP2's `FSDP<Name>`): transformers would copy torch's files as the model's code; `save_pretrained`
-        copies this package's for it."""
-        return super().is_remote_code() and _own_class(cls) is cls
-
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.init_std or self.config.d_model**-0.5
-        if isinstance(module, nn.Linear):
-            if self.config.init_std is None:
-                init.xavier_uniform_(module.weight)
-            else:
-                init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            init.normal_(module.weight, mean=0.0, std=std)
-            if module.padding_idx is not None and not getattr(module.weight, "_is_hf_initialized", False):
-                init.zeros_(module.weight[module.padding_idx])
-        elif isinstance(module, (nn.LayerNorm, VanillaTransformerMaskedBatchNorm)):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-            if isinstance(module, VanillaTransformerMaskedBatchNorm):
-                init.zeros_(module.running_mean)
-                init.ones_(module.running_var)
-        elif isinstance(module, VanillaTransformerAttention) and module.attention_type == "additive":
-            for weight in (module.additive_query, module.additive_key, module.additive_score):
-                init.normal_(weight, mean=0.0, std=module.head_dim**-0.5)
-        elif isinstance(module, VanillaTransformerSinusoidalPositionalEncoding):
-            # from_pretrained builds on the meta device and leaves non-persistent buffers empty: refill it here.
-            init.copy_(module.pe, sinusoidal_table(module.num_positions, module.dim))
 
 
 class VanillaTransformerModel(VanillaTransformerPreTrainedModel):
@@ -796,6 +789,10 @@ class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedMod
             return_logits (`bool`, *optional*): `False` leaves the (B, T, V) logits out and computes the same loss
                 fused with the output projection (`losses.fused_linear_cross_entropy`). By default logits are
                 computed, except in training steps of a model with `fused_training_loss` set, as `train.py` does.
+            num_items_in_batch (`int` or `torch.Tensor`, *optional*, keyword): passed by Trainer, the count of target
+                tokens (labels not -100) of the whole update, over its accumulation steps and processes. The loss is
+                then the sum of this batch's token losses divided by it, not their mean, so the update's gradient is
+                the one of its whole batch's mean loss. Without it (direct calls) the loss is the mean over tokens.
         """
         past_key_values = _one_cache(cache, past_key_values, kwargs)
         if labels is not None:
@@ -825,15 +822,16 @@ class VanillaTransformerForConditionalGeneration(VanillaTransformerPreTrainedMod
         )
         hidden_states = outputs.last_hidden_state  # (B, T, D)
         epsilon = self.config.label_smoothing
+        num_items = kwargs.get("num_items_in_batch")  # Trainer's token count of the update; None: the mean
         logits = loss = None
         if return_logits is None:
             return_logits = not (self.fused_training_loss and self.training and torch.is_grad_enabled())
         if labels is not None and not return_logits and can_fuse(self.lm_head):
-            loss = fused_linear_cross_entropy(hidden_states, self.lm_head.weight, labels, epsilon)
+            loss = fused_linear_cross_entropy(hidden_states, self.lm_head.weight, labels, epsilon, num_items)
         else:  # also where the fused loss steps aside (a wrapped, hooked or sharded output projection)
             logits = self.lm_head(hidden_states)  # (B, T, D) -> (B, T, V)
             if labels is not None:
-                loss = label_smoothed_cross_entropy(logits, labels, epsilon)
+                loss = label_smoothed_cross_entropy(logits, labels, epsilon, num_items)
             logits = logits if return_logits or labels is None else None  # no loss to return instead
         rest = {key: value for key, value in outputs.items() if key != "last_hidden_state"}  # cache, states, weights
         return Seq2SeqLMOutput(loss=loss, logits=logits, **rest)

@@ -234,7 +234,7 @@ def test_layer_is_post_ln_layernorm_of_x_plus_sublayer_of_x():
         )
         h = torch.relu(y @ layer.ffn.fc1.weight.T + layer.ffn.fc1.bias) @ layer.ffn.fc2.weight.T + layer.ffn.fc2.bias
         expected = F.layer_norm(y + h, (D_MODEL,), layer.ffn_block.layer_norm.weight, layer.ffn_block.layer_norm.bias)
-        actual, _ = layer(x)
+        actual = layer(x)
     assert torch.allclose(actual, expected, atol=1e-6)
     # Post-LN: every layer output is normalised (mean 0, std 1 per position, with LayerNorm's initial 1/0).
     assert torch.allclose(actual.mean(-1), torch.zeros(2, SRC_LEN), atol=1e-5)
