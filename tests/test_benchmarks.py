@@ -134,3 +134,61 @@ def test_real_data_benchmark_runs_both_systems_and_reports_them(tmp_path):
         for decoding in ("greedy", "beam4"):
             assert 0 <= system[decoding]["bleu"] <= 100 and system[decoding]["length_ratio"] > 0
     assert "| ours |" in result.stdout and "| marian |" in result.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_run_on_cpu_fills_every_section(tmp_path):
+    """benchmarks/gpu.py --smoke runs every code path of the GPU check on CPU (tiny model, a few steps), so that it
+    cannot rot before a GPU runs it: every section in the JSON, finite positive speeds, the correctness checks passed,
+    the multi-GPU run skipped with its reason. Also the dense bf16 peak table behind the MFU."""
+    import math
+
+    from benchmarks import gpu
+
+    assert gpu.dense_bf16_peak("NVIDIA H100 80GB HBM3") == 989.0  # SXM5
+    assert gpu.dense_bf16_peak("NVIDIA H100 PCIe") == 756.0
+    assert gpu.dense_bf16_peak("NVIDIA H200") == 989.0
+    assert gpu.dense_bf16_peak("NVIDIA A100-SXM4-80GB") == 312.0
+    assert gpu.dense_bf16_peak("NVIDIA H100 NVL") is None and gpu.dense_bf16_peak("Tesla T4") is None
+
+    out = tmp_path / "gpu.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--smoke", "--json", str(out)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert set(gpu.SECTIONS) <= set(report) and report["smoke"] and report["passed"]
+
+    def positive(value) -> bool:
+        return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+    train = report["training"]
+    assert train["timed_rounds"] == gpu.SMOKE.train_steps and not train["truncated"]
+    for impl in ("ours", "marian"):
+        row = train[impl]
+        assert all(positive(row[key]) for key in ("source_tokens_per_s", "tokens_per_s", "tflops_per_s", "step_s"))
+        assert row["source_tokens_per_s"] < row["tokens_per_s"]  # source only, against source + target
+        assert all(math.isfinite(loss) for loss in row["losses"])
+        assert row["mfu"] is None and row["peak_memory_mib"] is None and positive(row["peak_rss_mib"])  # CPU
+    assert positive(train["ratio_source_tokens_per_s"]) and train["memory_source"].startswith("cpu")
+
+    generation = report["generation"]
+    ctranslate2 = "skipped" not in generation["ctranslate2"]
+    for mode in ("greedy", "beam4"):
+        for batch in gpu.SMOKE.gen_batch_sizes:
+            row = generation[f"{mode}_b{batch}"]
+            assert positive(row["ours"]) and positive(row["marian"]) and positive(row["ratio_marian"])
+            assert positive(row["ctranslate2"]) if ctranslate2 else "ctranslate2" not in row
+
+    checks = report["correctness"]
+    assert checks["passed"]
+    loss = checks["bf16_vs_fp32"]
+    assert loss["passed"] and loss["steps"] == len(loss["relative_diff_per_step"]) == gpu.SMOKE.check_steps
+    assert 0 <= loss["mean_relative_diff_last_window"] <= gpu.BF16_LOSS_RTOL
+    for precision in ("fp32", "bf16"):
+        sdpa = checks["sdpa_vs_eager"][precision]
+        assert sdpa["passed"] and 0 <= sdpa["max_abs_diff"] <= sdpa["tolerance"]
+    cache = checks["cached_vs_uncached"]
+    assert cache["passed"] and cache["identical_rows"] == cache["rows"] == gpu.SMOKE.cache_batch
+
+    assert report["multi_gpu"]["skipped"].startswith("no GPU")
+    assert "| training tiny | source tok/s |" in result.stdout and "| sdpa vs eager logits, fp32" in result.stdout
