@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .losses import has_hooks
+
 # oneDNN's fp32 linear (absent from torch builds without oneDNN), and its reorder of a weight into the blocked
 # layout that linear reads fastest.
 _ONEDNN_LINEAR = (
@@ -139,16 +141,9 @@ def _plain_cpu_fp32(tensor: torch.Tensor) -> bool:
 
 def _plain_linear(module: nn.Module) -> bool:
     """Exactly an `nn.Linear`, with no hooks, plain parameters and at least `MIN_WEIGHT_ENTRIES` weights."""
-    hooked = (
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
-        or hasattr(module, "_hf_hook")  # accelerate's offloading and device-placement hooks
-    )
     return (
         type(module) is nn.Linear
-        and not hooked
+        and not has_hooks(module)
         and _plain_cpu_fp32(module.weight)
         and (module.bias is None or _plain_cpu_fp32(module.bias))
         and module.weight.numel() >= MIN_WEIGHT_ENTRIES

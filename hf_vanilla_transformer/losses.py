@@ -110,6 +110,18 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None
 
 
+def has_hooks(module: torch.nn.Module) -> bool:
+    """Whether anything runs around the module's forward or backward: torch hooks, or accelerate's (offloading,
+    device placement). Code that reads a module's weight instead of calling it must step aside then."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or hasattr(module, "_hf_hook")
+    )
+
+
 def can_fuse(output_projection: torch.nn.Module) -> bool:
     """Whether the fused loss may read the output projection's weight itself instead of running the module: only where
     the module provably computes `hidden @ weight.T` and nothing more. Its type is exactly `nn.Linear` (a PEFT LoRA
@@ -122,16 +134,9 @@ def can_fuse(output_projection: torch.nn.Module) -> bool:
     if torch.compiler.is_compiling() or type(output_projection) is not torch.nn.Linear:
         return False
     weight = output_projection.weight
-    hooked = (
-        output_projection._forward_hooks
-        or output_projection._forward_pre_hooks
-        or output_projection._backward_hooks
-        or output_projection._backward_pre_hooks
-        or hasattr(output_projection, "_hf_hook")  # accelerate's offloading and device-placement hooks
-    )
     return (
         output_projection.bias is None
-        and not hooked
+        and not has_hooks(output_projection)
         and type(weight) is torch.nn.Parameter
         and weight.layout is torch.strided
         and not weight.is_meta
@@ -160,4 +165,10 @@ def fused_linear_cross_entropy(
     return _FusedLinearCrossEntropy.apply(hidden, weight, targets, epsilon, FUSED_LOSS_CHUNK_ROWS, divisor)
 
 
-__all__ = ["FUSED_LOSS_CHUNK_ROWS", "can_fuse", "fused_linear_cross_entropy", "label_smoothed_cross_entropy"]
+__all__ = [
+    "FUSED_LOSS_CHUNK_ROWS",
+    "can_fuse",
+    "fused_linear_cross_entropy",
+    "has_hooks",
+    "label_smoothed_cross_entropy",
+]

@@ -18,21 +18,23 @@ VOCAB, D_MODEL, HEADS, FFN, SRC_LEN, TGT_LEN, BATCH = 37, 12, 3, 20, 7, 5, 2
 PAD, BOS, EOS = 0, 1, 2
 
 
+# The tiny sizes, under the field names transformers' seq2seq configs share (tests build a MarianConfig from them too).
+TINY_SIZES = dict(
+    vocab_size=VOCAB,
+    d_model=D_MODEL,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=HEADS,
+    decoder_attention_heads=HEADS,
+    encoder_ffn_dim=FFN,
+    decoder_ffn_dim=FFN,
+    max_position_embeddings=64,
+    dropout=0.0,
+)
+
+
 def tiny_config(**overrides) -> VanillaTransformerConfig:
-    values = dict(
-        vocab_size=VOCAB,
-        d_model=D_MODEL,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=HEADS,
-        decoder_attention_heads=HEADS,
-        encoder_ffn_dim=FFN,
-        decoder_ffn_dim=FFN,
-        max_position_embeddings=64,
-        dropout=0.0,
-    )
-    values.update(overrides)
-    return VanillaTransformerConfig(**values)
+    return VanillaTransformerConfig(**{**TINY_SIZES, **overrides})
 
 
 def tiny_model(seed: int = 0, **overrides) -> VanillaTransformerForConditionalGeneration:

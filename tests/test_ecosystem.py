@@ -22,7 +22,7 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BOS, D_MODEL, EOS, FFN, HEADS, PAD, SRC_LEN, TGT_LEN, VOCAB, random_batch, tiny_model
+from conftest import BOS, D_MODEL, EOS, HEADS, PAD, SRC_LEN, TGT_LEN, TINY_SIZES, VOCAB, random_batch, tiny_model
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
     AutoModelForSeq2SeqLM,
@@ -61,16 +61,7 @@ def one_thread():
 def tiny_marian(seed: int = 0, **overrides) -> MarianMTModel:
     """A Marian model with conftest's characteristic sizes and this package's special ids, built, not downloaded."""
     values = dict(
-        vocab_size=VOCAB,
-        d_model=D_MODEL,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=HEADS,
-        decoder_attention_heads=HEADS,
-        encoder_ffn_dim=FFN,
-        decoder_ffn_dim=FFN,
-        max_position_embeddings=64,
-        dropout=0.0,
+        **TINY_SIZES,
         pad_token_id=PAD,
         bos_token_id=BOS,
         eos_token_id=EOS,
