@@ -176,8 +176,9 @@ class VanillaTransformerGenerationMixin(GenerationMixin):
                 kwargs["max_new_tokens"] = int(limits.max())
         call = _PenaltyCall(config.length_penalty_type)
         gnmt_beams = call.penalty_type == "gnmt" and (config.num_beams or 1) > 1 and config.length_penalty != 0
-        if gnmt_beams and _beam_helpers_missing():
-            raise _gnmt_penalty_error(f"GenerationMixin lacks {', '.join(_beam_helpers_missing())}")
+        missing = _beam_helpers_missing() if gnmt_beams else []
+        if missing:
+            raise _gnmt_penalty_error(f"GenerationMixin lacks {', '.join(missing)}")
         token = _penalty_call.set(call)
         try:
             output = super().generate(inputs, generation_config, logits_processor, **kwargs)

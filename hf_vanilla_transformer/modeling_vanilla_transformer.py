@@ -118,12 +118,13 @@ class VanillaTransformerPreTrainedModel(PreTrainedModel):
         `is_remote_code`): its code, copied here, is this package's. Give its gathered weights as `state_dict`
         (`Accelerator.get_state_dict`)."""
         if self._auto_class is not None:
-            bare = f"{_own_class(type(self)).__module__.rsplit('.', 1)[-1]}.VanillaTransformerModel"
+            own = _own_class(type(self))
+            bare = f"{own.__module__.rsplit('.', 1)[-1]}.VanillaTransformerModel"
             self.config.auto_map = {"AutoModel": bare, **(getattr(self.config, "auto_map", None) or {})}
-            if _own_class(type(self)) is not type(self) and kwargs.get("is_main_process", True):
+            if own is not type(self) and kwargs.get("is_main_process", True):
                 os.makedirs(save_directory, exist_ok=True)
                 # Only the class is read (its module, name and `_auto_class`): an instance without `__init__`.
-                custom_object_save(object.__new__(_own_class(type(self))), save_directory, config=self.config)
+                custom_object_save(object.__new__(own), save_directory, config=self.config)
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
