@@ -18,6 +18,7 @@ version of that recipe (`DEMO_RECIPE`), evaluates BLEU and writes a Hub-ready mo
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -38,17 +39,18 @@ from transformers import (
     DataCollatorForSeq2Seq,
     HfArgumentParser,
     PreTrainedTokenizerBase,
+    ProgressCallback,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
     set_seed,
 )
-from transformers.integrations import is_tensorboard_available
+from transformers.integrations import get_reporting_integration_callbacks, is_tensorboard_available
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_vanilla_transformer import VanillaTransformerConfig, VanillaTransformerForConditionalGeneration
 from hf_vanilla_transformer.allocator import keep_freed_memory_in_heap
 from hf_vanilla_transformer.batching import TokenBatchSeq2SeqTrainer
-from hf_vanilla_transformer.callbacks import SaveOnSignal, TrainingTimeBudget
+from hf_vanilla_transformer.callbacks import BudgetProgress, SaveOnSignal, TrainingTimeBudget
 from hf_vanilla_transformer.checkpoints import average_checkpoints, load_weights
 from hf_vanilla_transformer.corpus import SOURCE_LANG, TARGET_LANG
 from hf_vanilla_transformer.data import load_translation_dataset, tokenize_dataset
@@ -113,7 +115,8 @@ SMALL_RECIPE: dict[str, Any] = {
 }
 
 # --max_train_minutes without --max_steps: Trainer needs a step count, and the inverse square root schedule (§5.3)
-# does not depend on it, so a count no run reaches lets the time budget end training.
+# does not depend on it, so a count no run reaches lets the time budget end training; a decaying schedule (linear,
+# cosine) then decays over the budget instead of these steps (callbacks.TrainingTimeBudget).
 UNTIL_TIME_IS_UP = 10**9
 
 
@@ -257,7 +260,7 @@ def parse_args(argv: list[str] | None = None):
         refuse_averaging_under_zero3({**vars(parser.parse_known_args(args=[])[0]), **given}, explicit)
         model_args, data_args, training_args = loader(os.path.abspath(argv[0]))
     else:
-        explicit = {arg[2:].split("=")[0] for arg in argv if arg.startswith("--")}
+        explicit = _given_on_command_line(argv)
         refuse_averaging_under_zero3(vars(parser.parse_known_args(args=argv)[0]), explicit)
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     groups = (model_args, data_args, training_args)
@@ -271,18 +274,53 @@ def parse_args(argv: list[str] | None = None):
         training_args.save_total_limit = max(average, 2)
     elif 0 < keep < average:
         raise ValueError(f"--save_total_limit {keep} keeps fewer checkpoints than --checkpoint_average {average} needs")
-    if training_args.max_train_minutes is not None and "max_steps" not in explicit:
-        training_args.max_steps = UNTIL_TIME_IS_UP
+    if training_args.max_train_minutes is not None:
+        if "include_num_input_tokens_seen" not in explicit:  # tokens per second, in the logs and the progress bar
+            training_args.include_num_input_tokens_seen = "non_padding"
+        if "max_steps" not in explicit:
+            training_args.max_steps = UNTIL_TIME_IS_UP
+            if training_args.warmup_steps < 1:
+                raise ValueError(
+                    f"--warmup_steps {training_args.warmup_steps} is a fraction of the steps, and --max_train_minutes "
+                    "without --max_steps leaves the step count open: give warm-up in steps, or give --max_steps."
+                )
     return model_args, data_args, training_args
 
 
+def _given_on_command_line(argv: list[str]) -> set[str]:
+    """The fields the command line sets, however it spells them: `--max_steps 50`, `--max-steps=50` (HfArgumentParser
+    accepts both), an abbreviation argparse resolves (`--max_st 50`), `--no_xxx` for a boolean. argparse itself
+    tells: in a parser whose every default is SUPPRESS, only the given fields reach the namespace."""
+    probe = HfArgumentParser((ModelArguments, DataTrainingArguments, PaperTrainingArguments))
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_known_args(args=argv)[0]))
+
+
 def _apply_recipe(recipe: dict[str, Any], explicit: set[str], groups: tuple) -> None:
-    """Set each of the recipe's values the user did not give, in whichever argument group has that field."""
+    """Set each of the recipe's values the user did not give, in whichever argument group has that field. The
+    recipe's `config_overrides` and the user's are merged, the user's fields winning: `--config_overrides
+    dropout=0.3` changes the dropout of the recipe's model, not the model."""
     for key, value in recipe.items():
-        if key not in explicit:
-            for group in groups:
-                if hasattr(group, key):
-                    setattr(group, key, value)
+        for group in groups:
+            if not hasattr(group, key):
+                continue
+            if key == "config_overrides" and key in explicit:
+                setattr(group, key, _merge_overrides(value, getattr(group, key)))
+            elif key not in explicit:
+                setattr(group, key, value)
+
+
+def _merge_overrides(recipe: str | None, user: str | None) -> str | None:
+    """'d_model=128,dropout=0.0' + 'dropout=0.3' -> 'd_model=128,dropout=0.3': the fields of both, the user's value
+    where both set one. Field names and values are checked when the model is built (`_parse_overrides`)."""
+    merged: dict[str, str] = {}
+    for text in (recipe, user):
+        for item in (text or "").split(","):
+            if item.strip():
+                key, sep, value = item.partition("=")
+                merged[key.strip()] = f"{key.strip()}{sep}{value}"
+    return ",".join(merged.values()) or None
 
 
 def _recipe_for(values: dict[str, Any]) -> dict[str, Any]:
@@ -504,7 +542,13 @@ def prepare_datasets(
 
 
 def build_trainer(model, tokenizer, tokenized, training_args, data_args) -> Seq2SeqTrainer:
-    """Seq2SeqTrainer, with token-based batches when `max_tokens` is set (§5.1)."""
+    """Seq2SeqTrainer, with token-based batches when `max_tokens` is set (§5.1), and a time budget when
+    `max_train_minutes` is: a decaying schedule (`--lr_scheduler_type linear`) then decays over the budget, unless
+    `--max_steps` gives the steps to decay over."""
+    budget = TrainingTimeBudget(
+        training_args.max_train_minutes,
+        decay_over_budget=training_args.max_train_minutes is not None and training_args.max_steps == UNTIL_TIME_IS_UP,
+    )
     collator = DataCollatorForSeq2Seq(tokenizer, model=model)  # pads, labels -> -100, decoder_input_ids
     kwargs = {
         "model": model,
@@ -515,11 +559,19 @@ def build_trainer(model, tokenizer, tokenized, training_args, data_args) -> Seq2
         "processing_class": tokenizer,
         # German targets also get BLEU as the paper's Table 2 counted it (tokenised, compounds split).
         "compute_metrics": build_compute_metrics(tokenizer, paper_style=data_args.target_lang == "de"),
-        "callbacks": [SaveOnSignal(), TrainingTimeBudget(training_args.max_train_minutes)],
+        "callbacks": [SaveOnSignal(), budget],
     }
     if data_args.max_tokens:
-        return TokenBatchSeq2SeqTrainer(max_tokens=data_args.max_tokens, **kwargs)
-    return Seq2SeqTrainer(**kwargs)
+        trainer = TokenBatchSeq2SeqTrainer(max_tokens=data_args.max_tokens, **kwargs)
+    else:
+        trainer = Seq2SeqTrainer(**kwargs)
+    if budget.max_minutes is not None and trainer.pop_callback(ProgressCallback):
+        trainer.add_callback(BudgetProgress(budget))  # the bar in minutes of the budget, not in 10**9 steps
+    # The budget stamps each log entry (training minutes, tokens/s): the loggers (TensorBoard, ...) must come after it.
+    for reporter in get_reporting_integration_callbacks(training_args.report_to):
+        if moved := trainer.pop_callback(reporter):
+            trainer.add_callback(moved)
+    return trainer
 
 
 def paper_learning_rate(d_model: int, warmup_steps: float) -> float:

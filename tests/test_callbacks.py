@@ -8,6 +8,7 @@ import logging
 import signal
 
 import pytest
+import torch
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from hf_vanilla_transformer import callbacks
@@ -298,3 +299,129 @@ def test_save_on_signal_outside_the_main_thread_warns_instead_of_failing(tmp_pat
     assert "SIGTERM and Ctrl-C will not save a checkpoint" in caplog.text and "main thread" in caplog.text
     assert {sig: signal.getsignal(sig) for sig in callbacks.SaveOnSignal.SIGNALS} == before
     assert not control.should_training_stop and stopper.stopped_by is None
+
+
+# ------------------------------------------------------------------------------------------ a schedule over the budget
+
+
+def _scheduled_run(clock, budget, steps, kind="linear", warmup=10, seconds_per_step=0.5, resume_from=None):
+    """Optimizer steps of a real transformers schedule under `budget`, as Trainer orders them (optimizer, scheduler,
+    then the callbacks' step end). Returns the learning rate after each step, the step training stopped at (None if
+    it did not), and what a checkpoint at the last step would hold (the scheduler's and the state's)."""
+    from transformers import get_scheduler
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=1e-3)
+    scheduler = get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=10**9)
+    args = TrainingArguments(output_dir="unused", use_cpu=True, lr_scheduler_type=kind, warmup_steps=warmup)
+    state, control = TrainerState(max_steps=10**9), TrainerControl()
+    first = 1
+    if resume_from is not None:  # as Trainer resumes: the state from trainer_state.json, then the scheduler's
+        scheduler_state, callback_state, first = resume_from
+        state.global_step = first - 1
+        state.stateful_callbacks = {"TrainingTimeBudget": callback_state}
+        scheduler.load_state_dict(scheduler_state)
+    budget.on_train_begin(args, state, control, lr_scheduler=scheduler)
+    rates, stopped_at = [], None
+    for step in range(first, first + steps):
+        clock.now += seconds_per_step
+        optimizer.step()
+        scheduler.step()
+        rates.append(scheduler.get_last_lr()[0])
+        state.global_step = step
+        budget.on_step_end(args, state, control)
+        if control.should_training_stop:
+            stopped_at = step
+            break
+    return rates, stopped_at, (scheduler.state_dict(), budget.state(), state.global_step + 1)
+
+
+def test_linear_decay_over_the_budget_is_the_step_schedule_over_the_steps_that_fit(clock):
+    """With steps of constant time, a linear schedule over a 60 s budget is transformers' linear schedule over the
+    120 steps that fit, one step behind (the time is read at each step's end): it reaches zero as the time runs out,
+    where the same schedule over 10**9 steps would not have moved."""
+    from transformers import get_scheduler
+
+    budget = TrainingTimeBudget(max_minutes=1.0, decay_over_budget=True)
+    rates, stopped_at, _ = _scheduled_run(clock, budget, steps=1000)
+    reference = get_scheduler(
+        "linear", torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3), 10, num_training_steps=120
+    )
+    expected = []
+    for _ in range(120):
+        reference.optimizer.step()
+        reference.step()
+        expected.append(reference.get_last_lr()[0])
+    assert stopped_at == 120
+    assert rates[:10] == pytest.approx(expected[:10])  # warm-up, in steps
+    assert rates[10:] == pytest.approx(expected[9:-1], rel=1e-6, abs=1e-12)
+    assert rates[-1] < 0.01 * 1e-3
+
+
+def test_inverse_sqrt_and_runs_without_decay_over_the_budget_keep_transformers_schedule(clock):
+    from transformers import get_scheduler
+
+    expected = get_scheduler(
+        "inverse_sqrt", torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3), num_warmup_steps=10
+    ).lr_lambdas[0]
+    rates, _, _ = _scheduled_run(clock, TrainingTimeBudget(1.0, decay_over_budget=True), 200, kind="inverse_sqrt")
+    assert rates == pytest.approx([1e-3 * expected(step) for step in range(1, 121)])
+    clock.now = 1000.0
+    rates, _, _ = _scheduled_run(clock, TrainingTimeBudget(1.0), 200)  # a linear schedule over its 10**9 steps
+    assert rates[-1] == pytest.approx(1e-3, rel=1e-6)
+
+
+def test_a_resumed_run_continues_the_budget_and_its_schedule(clock):
+    """Interrupted after 30 of its 60 s and resumed from that checkpoint (trainer_state.json's stateful_callbacks and
+    the scheduler's state): the same learning rates and the same last step as the uninterrupted run; and the saved
+    arguments rebuild the callback, as transformers' restore_callback_states_from_checkpoint does."""
+    whole, stopped_at, _ = _scheduled_run(clock, TrainingTimeBudget(1.0, decay_over_budget=True), 1000)
+    clock.now = 1000.0
+    first, _, checkpoint = _scheduled_run(clock, TrainingTimeBudget(1.0, decay_over_budget=True), 60)
+    assert checkpoint[1]["attributes"]["seconds_before"] == pytest.approx(30.0)
+    clock.now += 3600  # the time between the two runs does not count
+    budget = TrainingTimeBudget(**checkpoint[1]["args"])
+    second, resumed_stop, _ = _scheduled_run(clock, budget, 1000, resume_from=checkpoint)
+    assert resumed_stop == stopped_at == 120
+    assert first + second == pytest.approx(whole, rel=1e-9, abs=1e-15)
+
+
+def test_decay_over_a_budget_needs_the_budget():
+    with pytest.raises(ValueError, match="decay_over_budget needs max_minutes"):
+        TrainingTimeBudget(decay_over_budget=True)
+
+
+def _budget_two_processes(rank: int, port: int, results) -> None:
+    """A 1-minute budget with a linear schedule over it; rank 0 steps in 0.05 s, rank 1 in 0.1 s (fake clocks)."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    clock = Clock()
+    callbacks.time.perf_counter = clock
+    budget = TrainingTimeBudget(max_minutes=1.0, decay_over_budget=True)
+    rates, stopped_at, _ = _scheduled_run(clock, budget, steps=5000, seconds_per_step=0.05 * (rank + 1))
+    results.put((rank, stopped_at, rates))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_with_different_clocks_use_the_same_learning_rates_and_stop_together():
+    """Each process's own clock would give each its own learning rate (and different weights under DDP): they agree
+    on the slower clock, so both follow it: 600 steps of 0.1 s, not 1,200 of 0.05 s."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_budget_two_processes, args=(port, results), nprocs=2, join=True)
+    outcome = {rank: rest for rank, *rest in (results.get() for _ in range(2))}
+    (stop0, rates0), (stop1, rates1) = outcome[0], outcome[1]
+    assert stop0 == stop1 and 600 <= stop0 <= 640, (stop0, stop1)
+    assert rates0 == rates1
+    assert rates0[-1] < 0.05 * 1e-3 < 0.9 * 1e-3 < rates0[len(rates0) // 10]

@@ -78,6 +78,38 @@ def test_small_recipe_applies_to_small_presets_on_real_data_and_only_to_unset_fl
     assert args.learning_rate is None and model_args.vocab_size == 37000 and model_args.checkpoint_average == 0
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [["--max-steps", "50"], ["--max_steps=50"], ["--max-steps=50"], ["--max_st", "50"], ["--max_steps", "50"]],
+)
+def test_every_spelling_of_a_flag_is_seen_as_given_and_kept_from_the_recipe(flags):
+    """HfArgumentParser accepts dashes and argparse abbreviations: each is the user's value, which the recipe must not
+    overwrite (before: `--max-steps 50` trained the demo's 1,000 steps)."""
+    assert train.parse_args(flags)[2].max_steps == 50
+    _, _, args = train.parse_args(["--train_file", "x.jsonl", "--config_name", "small", *flags])
+    assert args.max_steps == 50
+    _, _, args = train.parse_args(["--no-keep-freed-memory", "--max-train-minutes", "2"])
+    assert args.keep_freed_memory is False and args.max_steps == train.UNTIL_TIME_IS_UP
+
+
+def test_config_overrides_merge_into_the_recipes_overrides():
+    """`--config_overrides dropout=0.3` on the demo changes its dropout and keeps its sizes and Xavier init (before:
+    the user's string replaced the recipe's, and the demo trained a 512-wide model with N(0, 0.02))."""
+    recipe = train._parse_overrides(train.DEMO_RECIPE["config_overrides"])
+    model_args, _, _ = train.parse_args(["--config_overrides", "dropout=0.3,encoder_layers=3"])
+    assert train._parse_overrides(model_args.config_overrides) == {**recipe, "dropout": 0.3, "encoder_layers": 3}
+    model_args, _, _ = train.parse_args(["--config-overrides=init_std=0.02"])
+    assert train._parse_overrides(model_args.config_overrides) == {**recipe, "init_std": 0.02}
+    with pytest.raises(ValueError, match=r"'dropuot=0\.3' is not 'field=value'"):
+        train._parse_overrides(train.parse_args(["--config_overrides", "dropuot=0.3"])[0].config_overrides)
+
+
+def test_a_warmup_fraction_is_refused_when_a_time_budget_leaves_the_steps_open():
+    with pytest.raises(ValueError, match=r"--warmup_steps 0\.1 is a fraction"):
+        train.parse_args(["--train_file", "x.jsonl", "--max_train_minutes", "5", "--warmup_steps", "0.1"])
+    assert train.parse_args(["--max_train_minutes", "5", "--warmup_steps", "0.1", "--max_steps", "9"])[2].max_steps == 9
+
+
 def test_paper_clipping_and_checkpoints_kept_for_averaging():
     """§5.3 clips no gradients (fairseq's recipe: --clip-norm 0); Trainer's 1.0 stays only in the recipes that were
     measured with it. Old checkpoints are deleted, keeping what --checkpoint_average needs (at least 2)."""
@@ -200,15 +232,39 @@ def test_resume_from_the_last_checkpoint_ends_with_the_same_weights(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_time_budget_stops_training_with_a_checkpoint_and_minutes_in_the_log(tmp_path):
+def test_a_time_budget_stops_training_with_a_checkpoint_decays_over_it_and_shows_it(tmp_path):
+    """--max_train_minutes with a linear schedule and no step count: training stops at the budget with a checkpoint,
+    the learning rate has decayed towards zero by then (over 10**9 steps it would still be at its peak), each log
+    carries the training minutes and tokens per second, in trainer_state.json and in TensorBoard, and the progress
+    bar counts minutes of the budget, not steps of 10**9."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     out = tmp_path / "timed"
-    args = [*TINY_RUN, "--max_steps", "100000", "--save_steps", "100000", "--eval_steps", "100000"]
-    run_train([*args, "--max_train_minutes", "0.05", "--logging_steps", "1", "--do_train", "--output_dir", str(out)])
+    args = [*TINY_RUN, "--save_steps", "100000", "--eval_steps", "100000", "--learning_rate", "1e-3"]
+    args += ["--warmup_steps", "2"]  # the decay shows in a few steps (a loaded 2-core machine makes a few dozen)
+    result = run_train(
+        [*args, "--max_train_minutes", "0.4", "--logging_steps", "1", "--lr_scheduler_type", "linear",
+         "--report_to", "tensorboard", "--do_train", "--output_dir", str(out)]
+    )  # fmt: skip
     state = json.loads((out / "trainer_state.json").read_text())
     step = state["global_step"]
-    assert 0 < step < 100000 and (out / f"checkpoint-{step}" / "model.safetensors").exists()
-    minutes = [entry["training_minutes"] for entry in state["log_history"] if "loss" in entry]
-    assert minutes == sorted(minutes) and 0 < minutes[-1] <= 0.05 + 0.02
+    assert 5 <= step < 100000 and (out / f"checkpoint-{step}" / "model.safetensors").exists()
+    logs = [entry for entry in state["log_history"] if "loss" in entry]
+    minutes = [entry["training_minutes"] for entry in logs]
+    assert minutes == sorted(minutes) and 0.4 <= minutes[-1] <= 0.4 + 2 * minutes[-1] / step  # the step under way
+    assert all(entry["source_tokens_per_second"] > 0 for entry in logs)
+    # Trainer logs the rate each step used. After warm-up (2 steps) the rate step s uses is the peak times the fraction
+    # of the budget left at the end of step s-2, of what was left when warm-up ended (the scheduler sets step s's rate
+    # at step s-1's end, before the budget reads that step's time): linear decay to zero over the budget.
+    rates = [entry["learning_rate"] for entry in logs]  # logs[i] is step i + 1
+    left = [(0.4 - m) / (0.4 - minutes[1]) for m in minutes]
+    assert rates[:3] == pytest.approx([0.0, 0.5e-3, 1e-3])
+    assert rates[3:] == pytest.approx([1e-3 * f for f in left[1:-2]], rel=0.02)
+    assert rates[-1] < rates[2]
+    assert "training min" in result.stderr and "source tok/s" in result.stderr
+    assert f"/{train.UNTIL_TIME_IS_UP}" not in result.stderr.replace(",", "")
+    events = EventAccumulator(str(next((out / "runs").iterdir()))).Reload()
+    assert {"train/training_minutes", "train/source_tokens_per_second"} <= set(events.Tags()["scalars"])
 
 
 def torchrun() -> list[str]:
