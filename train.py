@@ -715,6 +715,16 @@ def log_examples(raw_test, hypotheses: list[str], data_args: DataTrainingArgumen
         )
 
 
+def curve_labels(model_args: ModelArguments, training_args, model) -> tuple[str, str]:
+    """How the learning curve's validation scores were decoded: during training, and for the final model."""
+    beams = model.generation_config.num_beams
+    during = training_args.generation_num_beams or beams
+    final = f"final model, {'greedy' if beams == 1 else f'beam {beams}'}"
+    if model_args.checkpoint_average > 1:
+        final += f", last {model_args.checkpoint_average} checkpoints averaged"
+    return ("greedy" if during == 1 else f"beam {during}") + ", during training", final
+
+
 def finish(trainer, tokenizer, model_args, data_args, training_args, metrics, raw, train_result) -> None:
     """The final model folder, its card and plots, the push. On every process: generating the attention map and
     gathering sharded weights are collective under FSDP and ZeRO-3; only the main process writes files."""
@@ -726,7 +736,9 @@ def finish(trainer, tokenizer, model_args, data_args, training_args, metrics, ra
     card, pictures = None, []
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        curve = plot_learning_curve(trainer.state.log_history, out / "learning_curve.png")
+        curve = plot_learning_curve(
+            trainer.state.log_history, out / "learning_curve.png", *curve_labels(model_args, training_args, model)
+        )
         pictures = [curve] if curve else []
         pictures.append(plot_cross_attention(*attention, out / "cross_attention.png"))
         values = card_values(model, training_args, model_args, data_args, metrics, raw, train_result)

@@ -26,21 +26,32 @@ def _pyplot():
     return plt
 
 
-def plot_learning_curve(log_history: list[dict], path: Path) -> Path | None:
-    """Training loss and validation BLEU over steps, as a PNG."""
+def plot_learning_curve(
+    log_history: list[dict], path: Path, during_training: str = "greedy", final: str = "final model"
+) -> Path | None:
+    """Training loss and validation BLEU over steps, as a PNG. The validation scores during training and those of
+    the final model (scored after training, often with other settings: beam search, averaged checkpoints) are drawn
+    apart and labelled with `during_training` and `final`: Trainer logs its end-of-training summary
+    (`train_runtime`) between the two."""
     plt = _pyplot()
     losses = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
-    bleus = [(e["step"], e["eval_bleu"]) for e in log_history if "eval_bleu" in e]
     if not losses:
         return None
+    end = next((i for i, e in enumerate(log_history) if "train_runtime" in e), len(log_history))
+    during = [(e["step"], e["eval_bleu"]) for e in log_history[:end] if "eval_bleu" in e]
+    after = [(e["step"], e["eval_bleu"]) for e in log_history[end:] if "eval_bleu" in e]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(*zip(*losses, strict=True), color="tab:blue", label="training loss (label-smoothed)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss", color="tab:blue")
-    if bleus:
+    if during or after:
         ax2 = ax.twinx()
-        ax2.plot(*zip(*bleus, strict=True), "o-", color="tab:red", label="validation BLEU")
+        if during:
+            ax2.plot(*zip(*during, strict=True), "o-", color="tab:red", label=f"validation BLEU, {during_training}")
+        if after:
+            ax2.plot(*zip(*after, strict=True), "*", color="tab:red", markersize=13, label=f"validation BLEU, {final}")
         ax2.set_ylabel("BLEU", color="tab:red")
+        ax2.legend(loc="center right", fontsize=8)
     ax.set_title("Learning curve")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -58,7 +69,8 @@ def cross_attention(model, tokenizer, source: str) -> tuple[torch.Tensor, list[s
     try:
         inputs = tokenizer(source, return_tensors="pt").to(model.device)
         with torch.no_grad():
-            output_ids = model.generate(**inputs, num_beams=1)
+            if output_ids is None:
+                output_ids = model.generate(**inputs, num_beams=1)
             out = model(**inputs, decoder_input_ids=output_ids[:, :-1], output_attentions=True)
     finally:
         model.set_attn_implementation(previous)
