@@ -2,10 +2,12 @@
 
     python benchmarks/real_data.py TRAIN VAL --source_lang en --target_lang fr --minutes 30
 
-Trains, one after the other and each in a fresh process on this machine:
+Trains, one after the other and each in a fresh process on this machine, once per ``--seeds`` seed:
 
 - ``ours``: ``train.py`` with its defaults for the size (``--config_name small`` unless ``--size``), a tokenizer it
   trains itself, stopped by ``--max_train_minutes``;
+- ``previous``: ``train.py`` with the small-model recipe it had before issue #27 (``PREVIOUS_RECIPE``, given as
+  flags, so that it stays measurable whatever the defaults become);
 - ``marian``: transformers' ``MarianMTModel`` configured as the same Transformer (post-LN, ReLU, sinusoidal
   positions, one tied embedding matrix scaled by sqrt(d_model), the same sizes), trained with a plain
   ``Seq2SeqTrainer`` recipe: Adam (0.9, 0.98), inverse square root schedule peaking at 1e-3 after 500 steps, label
@@ -35,7 +37,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 RESULTS = REPO / "benchmarks" / "results"
-SYSTEMS = ("ours", "marian")
+SYSTEMS = ("ours", "previous", "marian")
+# train.py's small-model recipe before issue #27 (SMALL_RECIPE and the small preset at eb57137), as flags.
+PREVIOUS_RECIPE = [
+    "--vocab_size", "8000", "--max_tokens", "1400", "--warmup_steps", "500", "--learning_rate", "1e-3",
+    "--lr_scheduler_type", "inverse_sqrt", "--save_steps", "300", "--checkpoint_average", "3",
+    "--save_total_limit", "3", "--max_grad_norm", "1.0", "--label_smoothing_factor", "0.1",
+    "--config_overrides", "d_model=256,encoder_layers=3,decoder_layers=3,encoder_ffn_dim=1024,decoder_ffn_dim=1024,"
+    "encoder_attention_heads=4,decoder_attention_heads=4,dropout=0.1,attention_dropout=0.0,activation_dropout=0.0",
+]  # fmt: skip
 # The plain recipe the Marian baseline trains with (issue #17), and its tokenizer's size.
 MARIAN_RECIPE = {
     "learning_rate": 1e-3,
@@ -59,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval_minutes", type=float, default=5.0, help="Learning-curve points every this often.")
     parser.add_argument("--size", default="small", help="The preset of both models (train.py --config_name).")
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[42], help="One run of each system per seed.")
+    parser.add_argument("--seed", type=int, default=42, help=argparse.SUPPRESS)  # the child's
     parser.add_argument("--ours_args", default="", help="Extra train.py flags for ours (to measure a factor).")
     parser.add_argument("--work_dir", default="outputs/real_data", help="Where the runs write their models.")
     parser.add_argument("--name", default=None, help="Results file name (default: date, size and minutes).")
@@ -150,6 +162,7 @@ def run_ours(args: argparse.Namespace, out: Path) -> dict:
 
     import train  # the repository's train.py
 
+    flags = PREVIOUS_RECIPE if args.child == "previous" else shlex.split(args.ours_args)
     argv = [
         "--train_file", args.train_file, "--validation_file", args.validation_file,
         "--source_lang", args.source_lang, "--target_lang", args.target_lang,
@@ -157,8 +170,8 @@ def run_ours(args: argparse.Namespace, out: Path) -> dict:
         "--output_dir", str(out), "--overwrite_output_dir", "--do_train",
         "--eval_strategy", "steps", "--eval_steps", str(eval_steps_for(args.eval_minutes, 2.0)),
         "--generation_num_beams", "1", "--per_device_eval_batch_size", "64",
-        "--logging_steps", "50", "--report_to", "none", "--disable_tqdm", "true",
-        *shlex.split(args.ours_args),
+        "--logging_steps", "50", "--report_to", "none", "--disable_tqdm", "true", "--seed", str(args.seed),
+        *flags,
     ]  # fmt: skip
     parse_args = train.parse_args
 
@@ -217,7 +230,7 @@ def run_marian(args: argparse.Namespace, out: Path) -> dict:
         use_cpu=True,
         report_to="none",
         disable_tqdm=True,
-        seed=42,
+        seed=args.seed,
         **MARIAN_RECIPE,
     )
     trainer = Seq2SeqTrainer(
@@ -239,13 +252,14 @@ def child(args: argparse.Namespace) -> None:
     """One system in this process: train, evaluate, write `<work_dir>/<system>.json`."""
     import torch
 
-    out = Path(args.work_dir) / args.child
+    out = Path(args.work_dir) / f"{args.child}-seed{args.seed}"
     started = time.perf_counter()
-    run = (run_ours if args.child == "ours" else run_marian)(args, out)
+    run = (run_marian if args.child == "marian" else run_ours)(args, out)
     sources, references = read_pairs(args.validation_file, args.source_lang, args.target_lang)
     seconds: dict[str, float] = {}
     result = {
         "system": args.child,
+        "seed": args.seed,
         "parameters": sum(p.numel() for p in run["model"].parameters()),
         **training_summary(run["log_history"]),
         **final_scores(run["model"], run["tokenizer"], sources, references, seconds),
@@ -254,27 +268,32 @@ def child(args: argparse.Namespace) -> None:
         "torch_threads": torch.get_num_threads(),
         **{k: v for k, v in run.items() if k in ("command", "recipe")},
     }
-    (Path(args.work_dir) / f"{args.child}.json").write_text(json.dumps(result, indent=1))
+    (Path(args.work_dir) / f"{args.child}-seed{args.seed}.json").write_text(json.dumps(result, indent=1))
 
 
 # ----------------------------------------------------------------------------------------------- report
 
 
-def plot_curves(results: dict[str, dict], path: Path, title: str) -> None:
+def plot_curves(results: dict[str, list[dict]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name, result in results.items():
-        points = [(0.0, 0.0)] + [(p["minutes"], p["bleu"]) for p in result["curve"]]
-        (line,) = ax.plot(*zip(*points, strict=True), "o-", label=f"{name} (greedy during training)")
-        final = ([result["training_minutes"]], [result["beam4"]["bleu"]])
-        ax.plot(*final, "*", color=line.get_color(), markersize=12, label=f"{name}, final model, beam 4")
+    for name, runs in results.items():
+        color = None
+        for i, result in enumerate(runs):
+            points = [(0.0, 0.0)] + [(p["minutes"], p["bleu"]) for p in result["curve"]]
+            label = f"{name} (greedy during training)" if i == 0 else None
+            (line,) = ax.plot(*zip(*points, strict=True), "o-", color=color, label=label, alpha=0.8, markersize=3)
+            color = line.get_color()
+            final = ([result["training_minutes"]], [result["beam4"]["bleu"]])
+            label = f"{name}, final model, beam 4" if i == 0 else None
+            ax.plot(*final, "*", color=color, markersize=12, label=label)
     ax.set_xlabel("training minutes (2 CPU cores)")
     ax.set_ylabel("validation BLEU")
-    ax.set_title(title)
+    ax.set_title(title + (f", {len(next(iter(results.values())))} seeds" if results else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -282,16 +301,40 @@ def plot_curves(results: dict[str, dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def table(results: dict[str, dict]) -> str:
+def summary(runs: list[dict]) -> dict:
+    """The mean over seeds of each score, and the seeds' own values."""
+
+    def mean(values: list[float]) -> float:
+        return round(sum(values) / len(values), 2)
+
+    return {
+        decoding: {
+            "bleu": mean([r[decoding]["bleu"] for r in runs]),
+            "length_ratio": round(sum(r[decoding]["length_ratio"] for r in runs) / len(runs), 4),
+            "per_seed": [r[decoding]["bleu"] for r in runs],
+        }
+        for decoding in ("greedy", "beam4")
+    } | {
+        "steps": round(sum(r["steps"] for r in runs) / len(runs)),
+        "training_minutes": round(sum(r["training_minutes"] for r in runs) / len(runs), 2),
+        "source_tokens_per_second": round(sum(r["source_tokens_per_second"] or 0 for r in runs) / len(runs)),
+    }
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    """Means over the seeds; with several seeds, each seed's beam-4 BLEU follows."""
     lines = [
-        "| system | steps | training min | source tokens/s | greedy BLEU (ratio) | beam 4 BLEU (ratio) |",
-        "|---|---|---|---|---|---|",
+        "| system | steps | training min | source tokens/s | greedy BLEU (ratio) | beam 4 BLEU (ratio) "
+        "| beam 4 per seed |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for name, r in results.items():
+    for name, runs in results.items():
+        r = summary(runs)
         lines.append(
-            f"| {name} | {r['steps']} | {r['training_minutes']:.1f} | {r['source_tokens_per_second']} | "
+            f"| {name} | {r['steps']:,} | {r['training_minutes']:.1f} | {r['source_tokens_per_second']:,} | "
             f"{r['greedy']['bleu']:.2f} ({r['greedy']['length_ratio']:.3f}) | "
-            f"{r['beam4']['bleu']:.2f} ({r['beam4']['length_ratio']:.3f}) |"
+            f"{r['beam4']['bleu']:.2f} ({r['beam4']['length_ratio']:.3f}) | "
+            f"{' / '.join(f'{b:.2f}' for b in r['beam4']['per_seed'])} |"
         )
     return "\n".join(lines)
 
@@ -303,10 +346,12 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
-    results = {}
-    for system in args.systems:  # one after the other, never two timed runs at once
-        subprocess.run([sys.executable, __file__, *forwarded, "--child", system], check=True, cwd=REPO)
-        results[system] = json.loads((Path(args.work_dir) / f"{system}.json").read_text())
+    results: dict[str, list[dict]] = {system: [] for system in args.systems}
+    for seed in args.seeds:
+        for system in args.systems:  # one after the other, never two timed runs at once
+            child_args = [*forwarded, "--child", system, "--seed", str(seed)]
+            subprocess.run([sys.executable, __file__, *child_args], check=True, cwd=REPO)
+            results[system].append(json.loads((Path(args.work_dir) / f"{system}-seed{seed}.json").read_text()))
     import torch
     import transformers
 
@@ -322,6 +367,9 @@ def main(argv: list[str] | None = None) -> dict:
         "minutes": args.minutes,
         "size": args.size,
         "ours_args": args.ours_args,
+        "previous_recipe": PREVIOUS_RECIPE,
+        "seeds": args.seeds,
+        "summary": {system: summary(runs) for system, runs in results.items()},
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__},
         "results": results,
     }

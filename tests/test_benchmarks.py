@@ -122,18 +122,65 @@ def test_real_data_benchmark_runs_both_systems_and_reports_them(tmp_path):
         "--eval_minutes", "0.02", "--work_dir", str(tmp_path / "work"), "--name", name,
         "--results_dir", str(tmp_path / "results"),
         "--ours_args", "--vocab_size 300 --max_tokens 400 --warmup_steps 5 --save_steps 5",
+        "--systems", "ours", "marian", "--seeds", "7",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((tmp_path / "results" / f"{name}.json").read_text())
     assert (tmp_path / "results" / f"{name}.png").stat().st_size > 0
-    assert set(report["results"]) == {"ours", "marian"}
-    for system in report["results"].values():
-        assert 0 < system["training_minutes"] <= 0.05 + 0.05 and system["steps"] > 0
+    assert set(report["results"]) == {"ours", "marian"} and report["seeds"] == [7]
+    for runs in report["results"].values():
+        (system,) = runs
+        assert system["seed"] == 7 and system["steps"] > 0
+        # the budget stops training within the step under way (a loaded machine makes steps of seconds)
+        assert 0.05 <= system["training_minutes"] <= 0.05 + 2 * system["training_minutes"] / system["steps"]
         assert system["source_tokens_per_second"] > 0
         for decoding in ("greedy", "beam4"):
             assert 0 <= system[decoding]["bleu"] <= 100 and system[decoding]["length_ratio"] > 0
     assert "| ours |" in result.stdout and "| marian |" in result.stdout
+
+
+def test_the_real_data_table_gives_the_mean_over_seeds_and_each_seed():
+    from benchmarks.real_data import summary, table
+
+    def run(greedy, beam, steps):
+        return {
+            "greedy": {"bleu": greedy, "length_ratio": 1.0},
+            "beam4": {"bleu": beam, "length_ratio": 0.98},
+            "steps": steps,
+            "training_minutes": 30.0,
+            "source_tokens_per_second": 3000,
+        }
+
+    runs = [run(50.0, 52.0, 4000), run(51.0, 53.5, 4100), run(49.0, 51.0, 3900)]
+    result = summary(runs)
+    assert result["beam4"]["bleu"] == 52.17 and result["beam4"]["per_seed"] == [52.0, 53.5, 51.0]
+    assert result["greedy"]["bleu"] == 50.0 and result["steps"] == 4000
+    assert "| ours | 4,000 | 30.0 | 3,000 | 50.00 (1.000) | 52.17 (0.980) | 52.00 / 53.50 / 51.00 |" in table(
+        {"ours": runs}
+    )
+
+
+def test_the_previous_recipe_flags_reproduce_the_small_recipe_before_issue_27():
+    """`previous` in the real-data benchmark is train.py's small-model recipe as it was (eb57137): the same values as
+    flags, whatever SMALL_RECIPE and the small preset become."""
+    import train
+    from benchmarks.real_data import PREVIOUS_RECIPE
+
+    model_args, data_args, args = train.parse_args(
+        ["--train_file", "x.jsonl", "--config_name", "small", *PREVIOUS_RECIPE]
+    )
+    before = {"vocab_size": 8000, "max_tokens": 1400, "warmup_steps": 500, "learning_rate": 1e-3, "save_steps": 300}
+    values = {**vars(model_args), **vars(data_args), **vars(args)}
+    assert {key: values[key] for key in before} == before
+    assert args.lr_scheduler_type == "inverse_sqrt" and model_args.checkpoint_average == 3
+    sizes = train._parse_overrides(model_args.config_overrides)
+    assert (sizes["d_model"], sizes["encoder_layers"], sizes["encoder_ffn_dim"], sizes["dropout"]) == (
+        256,
+        3,
+        1024,
+        0.1,
+    )
 
 
 @pytest.mark.slow
