@@ -243,6 +243,13 @@ class PaperTrainingArguments(Seq2SeqTrainingArguments):
             "const": "last",
         },
     )
+    push_space: bool = field(
+        default=False,
+        metadata={
+            "help": "Also write a Gradio Space for the model (the attention explorer) into output_dir/space, and "
+            "with --push_to_hub push it as a Space of the model's name."
+        },
+    )
 
 
 # ----------------------------------------------------------------------------------------------- arguments
@@ -751,6 +758,15 @@ def finish(trainer, tokenizer, model_args, data_args, training_args, metrics, ra
         return
     if training_args.push_to_hub:
         push_final_model(trainer, names)
+    if training_args.push_space:  # the attention explorer for this model (hf_vanilla_transformer/space.py)
+        from hf_vanilla_transformer.space import push_space, write_space
+
+        model_id = trainer.hub_model_id if training_args.push_to_hub else str(out.resolve())
+        space = write_space(out / "space", model_id, examples=[source])
+        print(f"\nGradio Space written to {space}")
+        if training_args.push_to_hub:
+            url = push_space(space, model_id, training_args.hub_token, training_args.hub_private_repo)
+            print(f"Space pushed: {url}")
     bleu = metrics.get("predict_bleu", metrics.get("eval_bleu"))
     print(f"\nModel saved in {out.resolve()}")
     if bleu is not None:

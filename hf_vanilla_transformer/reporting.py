@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, metadata
 from pathlib import Path
 from typing import Any
@@ -59,10 +60,30 @@ def plot_learning_curve(
     return path
 
 
-def cross_attention(model, tokenizer, source: str) -> tuple[torch.Tensor, list[str], list[str]]:
-    """Cross-attention weights of the last decoder layer (H, T, S) for the model's own greedy translation of
-    `source`, with the source and output tokens. Under FSDP or ZeRO-3, every process must call it (generate and
-    forward gather the weights collectively)."""
+@dataclass
+class AttentionMaps:
+    """The attention weights of one translation, for the three uses of §3.2.3, one tensor per layer, each (H, rows,
+    columns): `encoder` (H, S, S), `decoder` the masked self-attention (H, T, T), `cross` (H, T, S).
+
+    Decoder row t is the position that predicts output token t (`target_tokens[t]`); its columns are what the decoder
+    was fed, `decoder_input_tokens` (the start token, then the output shifted right), so the masked self-attention is
+    lower-triangular: row t sees columns 0..t."""
+
+    encoder: list[torch.Tensor]
+    decoder: list[torch.Tensor]
+    cross: list[torch.Tensor]
+    source_tokens: list[str]
+    decoder_input_tokens: list[str]
+    target_tokens: list[str]
+    output_ids: torch.Tensor  # (1, 1 + T): the start token, the translation, its end token
+
+
+def attention_maps(model, tokenizer, source: str, output_ids: torch.Tensor | None = None) -> AttentionMaps:
+    """Every layer's and head's attention weights on `source` and a translation of it: `output_ids` as `generate()`
+    returned it (one row, e.g. the beam's best), or by default the model's own greedy translation. The weights are
+    the model's own `output_attentions`, read from a teacher-forced forward on that translation, which computes the
+    same weights as the decoding steps did. Under FSDP or ZeRO-3, every process must call it (generate and forward
+    gather the weights collectively)."""
     model.eval()
     previous = model.config._attn_implementation
     model.set_attn_implementation("eager")  # only eager attention returns its weights
@@ -74,10 +95,26 @@ def cross_attention(model, tokenizer, source: str) -> tuple[torch.Tensor, list[s
             out = model(**inputs, decoder_input_ids=output_ids[:, :-1], output_attentions=True)
     finally:
         model.set_attn_implementation(previous)
-    weights = out.cross_attentions[-1][0].float().cpu()  # (H, T, S)
-    src_tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
-    tgt_tokens = tokenizer.convert_ids_to_tokens(output_ids[0, 1:])
-    return weights, src_tokens, tgt_tokens
+
+    def first_row(layers: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        return [weights[0].float().cpu() for weights in layers]  # (1, H, rows, columns) -> (H, rows, columns)
+
+    return AttentionMaps(
+        encoder=first_row(out.encoder_attentions),
+        decoder=first_row(out.decoder_attentions),
+        cross=first_row(out.cross_attentions),
+        source_tokens=tokenizer.convert_ids_to_tokens(inputs["input_ids"][0]),
+        decoder_input_tokens=tokenizer.convert_ids_to_tokens(output_ids[0, :-1]),
+        target_tokens=tokenizer.convert_ids_to_tokens(output_ids[0, 1:]),
+        output_ids=output_ids.cpu(),
+    )
+
+
+def cross_attention(model, tokenizer, source: str) -> tuple[torch.Tensor, list[str], list[str]]:
+    """Cross-attention weights of the last decoder layer (H, T, S) for the model's own greedy translation of
+    `source`, with the source and output tokens: `attention_maps`, cut to what `plot_cross_attention` draws."""
+    maps = attention_maps(model, tokenizer, source)
+    return maps.cross[-1], maps.source_tokens, maps.target_tokens
 
 
 def plot_cross_attention(weights: torch.Tensor, src_tokens: list[str], tgt_tokens: list[str], path: Path) -> Path:
