@@ -53,6 +53,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+SMALL_INIT = "small_init"  # init_std scaled with the width: sqrt(2 / (5 d_model))
+
+
 class VanillaTransformerConfig(PretrainedConfig):
     r"""
     Configuration of [`VanillaTransformerModel`] and [`VanillaTransformerForConditionalGeneration`].
@@ -115,10 +118,12 @@ class VanillaTransformerConfig(PretrainedConfig):
             each stack, which trains deep stacks without warm-up tricks. The paper is post-LN.
         layer_norm_eps (`float`, *optional*, defaults to 1e-5):
             LayerNorm epsilon (the paper does not give one; 1e-5 is PyTorch's and fairseq's).
-        init_std (`float`, *optional*, defaults to 0.02):
+        init_std (`float`, `"small_init"` or `None`, *optional*, defaults to 0.02):
             Standard deviation of the normal initialisation of every Linear weight and embedding (BART's and
-            Marian's scheme; the paper states none, and this one measured best on real data). `None` gives fairseq's
-            and tensor2tensor's: Xavier-uniform Linears and N(0, d_model^-0.5) embeddings.
+            Marian's scheme; the paper states none, and this one measured best on real data). `"small_init"` scales
+            it with the width, sqrt(2 / (5 d_model)) (Nguyen & Salazar, 2019: 0.056 at d_model 128, 0.028 at 512,
+            0.02 at about 1000), which a fixed 0.02 leaves too small in narrow models (`init_std_value`). `None` gives
+            fairseq's and tensor2tensor's: Xavier-uniform Linears and N(0, d_model^-0.5) embeddings.
         use_cache (`bool`, *optional*, defaults to `True`):
             Whether the decoder returns its key/value cache for incremental decoding.
         pad_token_id, bos_token_id, eos_token_id, decoder_start_token_id (`int`, *optional*):
@@ -164,7 +169,7 @@ class VanillaTransformerConfig(PretrainedConfig):
     attention_type: str = "scaled_dot_product"
     norm_type: str = "layernorm"
     layer_norm_eps: float = 1e-5
-    init_std: float | None = 0.02
+    init_std: float | str | None = 0.02
     use_cache: bool = True
     is_encoder_decoder: bool = True
     pad_token_id: int | None = 0
@@ -218,8 +223,10 @@ class VanillaTransformerConfig(PretrainedConfig):
         for name in ("attention_bias", "scale_embedding", "normalize_before"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
-        if self.init_std is not None and not self.init_std > 0:
-            raise ValueError(f"`init_std` must be positive or None, got {self.init_std!r}.")
+        if self.init_std not in (None, SMALL_INIT) and (
+            not isinstance(self.init_std, (int, float)) or isinstance(self.init_std, bool) or not self.init_std > 0
+        ):
+            raise ValueError(f"`init_std` must be positive, {SMALL_INIT!r} or None, got {self.init_std!r}.")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
             token_id = getattr(self, name)
             if token_id is not None and not 0 <= token_id < self.vocab_size:
@@ -233,6 +240,14 @@ class VanillaTransformerConfig(PretrainedConfig):
             config_dict = {**config_dict, "attention_bias": True}
         return super().from_dict(config_dict, **kwargs)
 
+    def init_std_value(self) -> float | None:
+        """The standard deviation `init_std` stands for (None: Xavier). `"small_init"` is sqrt(2 / (5 d_model)): a
+        sub-layer's output then starts at about 0.4 of its input's size at any width, where N(0, 0.02) gives 0.05 at
+        d_model 128 and starves the encoder of gradient (benchmarks/init_diagnostics.py; README, "Use")."""
+        if self.init_std == SMALL_INIT:
+            return (2 / (5 * self.d_model)) ** 0.5
+        return self.init_std
+
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> VanillaTransformerConfig:
         """A named size: `"base"` and `"big"` are Table 3's; `"small"` and `"tiny"` are for CPU runs and tests."""
@@ -241,4 +256,4 @@ class VanillaTransformerConfig(PretrainedConfig):
         return cls(**{**PRESETS[name], **overrides})
 
 
-__all__ = ["PRESETS", "VanillaTransformerConfig"]
+__all__ = ["PRESETS", "SMALL_INIT", "VanillaTransformerConfig"]

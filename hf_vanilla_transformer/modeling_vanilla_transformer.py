@@ -66,7 +66,9 @@ class VanillaTransformerPreTrainedModel(PreTrainedModel):
     Deviation: the paper states no initialisation. By default (`init_std=0.02`) every Linear weight and embedding is
     drawn from N(0, 0.02), as in BART and Marian, with zero biases, a zero padding row and identity LayerNorms: on
     real data it trained far better than fairseq's scheme (README, "Real data"), as small sub-layer outputs leave
-    each post-LN block near the identity early on (Liu et al., 2020). `init_std=None` gives fairseq's scheme:
+    each post-LN block near the identity early on (Liu et al., 2020). `init_std="small_init"` scales the deviation
+    with the width, sqrt(2 / (5 d_model)), for narrow models, where 0.02 is too small. `init_std=None` gives fairseq's
+    scheme:
     Xavier-uniform Linears and N(0, d_model^-0.5) embeddings, which the sqrt(d_model) of §3.4 brings to unit size.
     """
 
@@ -136,9 +138,10 @@ class VanillaTransformerPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.init_std or self.config.d_model**-0.5
+        normal_std = self.config.init_std_value()
+        std = normal_std or self.config.d_model**-0.5
         if isinstance(module, nn.Linear):
-            if self.config.init_std is None:
+            if normal_std is None:
                 init.xavier_uniform_(module.weight)
             else:
                 init.normal_(module.weight, mean=0.0, std=std)

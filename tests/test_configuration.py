@@ -65,6 +65,8 @@ def test_round_trip_and_auto_config(tmp_path):
         ({"activation_dropout": 1.5}, ["activation_dropout", "1.5"]),
         ({"pad_token_id": 37000}, ["pad_token_id", "37000"]),
         ({"init_std": 0.0}, ["init_std"]),
+        ({"init_std": "big_init"}, ["init_std", "big_init"]),
+        ({"init_std": True}, ["init_std", "True"]),
     ],
 )
 def test_bad_values_are_refused_with_the_value_named(kwargs, names):

@@ -454,6 +454,23 @@ def test_initialisation_is_normal_002_by_default_and_xavier_with_init_std_none()
         assert torch.count_nonzero(fc1.bias) == 0 and torch.count_nonzero(embedding[config.pad_token_id]) == 0
 
 
+def test_small_init_scales_the_normal_deviation_with_the_width_and_is_saved_as_the_rule(tmp_path):
+    """`init_std="small_init"`: N(0, sqrt(2 / (5 d_model))) for every Linear weight and embedding (Nguyen & Salazar,
+    2019), 0.0559 at d_model 128 and 0.0280 at 512; the config keeps the rule, not a number, through a save."""
+    for d_model, expected in ((128, 0.0559), (512, 0.0280)):
+        torch.manual_seed(0)
+        config = VanillaTransformerConfig.from_preset("small", vocab_size=2000, d_model=d_model, init_std="small_init")
+        assert config.init_std_value() == pytest.approx(expected, abs=1e-4)
+        model = VanillaTransformerForConditionalGeneration(config)
+        fc1 = model.model.encoder.layers[0].ffn.fc1
+        embedding = model.model.encoder.embed_tokens.weight
+        assert fc1.weight.std().item() == pytest.approx(expected, rel=0.02)
+        assert embedding[1:].std().item() == pytest.approx(expected, rel=0.02)
+        assert torch.count_nonzero(fc1.bias) == 0 and torch.count_nonzero(embedding[config.pad_token_id]) == 0
+    config.save_pretrained(tmp_path)
+    assert VanillaTransformerConfig.from_pretrained(tmp_path).init_std == "small_init"
+
+
 # -------------------------------------------------------------------------------------- one function, all paths
 
 

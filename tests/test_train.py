@@ -93,7 +93,7 @@ def test_every_spelling_of_a_flag_is_seen_as_given_and_kept_from_the_recipe(flag
 
 
 def test_config_overrides_merge_into_the_recipes_overrides():
-    """`--config_overrides dropout=0.3` on the demo changes its dropout and keeps its sizes and Xavier init (before:
+    """`--config_overrides dropout=0.3` on the demo changes its dropout and keeps its sizes and initialisation (before:
     the user's string replaced the recipe's, and the demo trained a 512-wide model with N(0, 0.02))."""
     recipe = train._parse_overrides(train.DEMO_RECIPE["config_overrides"])
     model_args, _, _ = train.parse_args(["--config_overrides", "dropout=0.3,encoder_layers=3"])
@@ -154,6 +154,7 @@ def test_config_overrides_are_typed_and_checked():
         "normalize_before": True,
     }
     assert train._parse_overrides("init_std=None,dropout=0.3") == {"init_std": None, "dropout": 0.3}
+    assert train._parse_overrides("init_std=small_init") == {"init_std": "small_init"}
     switches = train._parse_overrides("attention_type=additive,norm_type=batchnorm,position_embedding_type=learned")
     assert switches == {"attention_type": "additive", "norm_type": "batchnorm", "position_embedding_type": "learned"}
     with pytest.raises(ValueError, match="colour"):
