@@ -301,7 +301,7 @@ def _given_on_command_line(argv: list[str]) -> set[str]:
     """The fields the command line sets, however it spells them: `--max_steps 50`, `--max-steps=50` (HfArgumentParser
     accepts both), an abbreviation argparse resolves (`--max_st 50`), `--no_xxx` for a boolean. argparse itself
     tells: in a parser whose every default is SUPPRESS, only the given fields reach the namespace."""
-    probe = HfArgumentParser((ModelArguments, DataTrainingArguments, PaperTrainingArguments))
+    probe = HfArgumentParser((ModelArguments, DataTrainingArguments, PaperTrainingArguments), add_help=False)
     for action in probe._actions:
         action.default = argparse.SUPPRESS
     return set(vars(probe.parse_known_args(args=argv)[0]))

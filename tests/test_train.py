@@ -92,6 +92,15 @@ def test_every_spelling_of_a_flag_is_seen_as_given_and_kept_from_the_recipe(flag
     assert args.keep_freed_memory is False and args.max_steps == train.UNTIL_TIME_IS_UP
 
 
+def test_help_shows_the_defaults(capsys):
+    """The probe that finds the given flags parses before the real parser: `--help` is the real parser's, with the
+    defaults (a probe with help would print its own, every default ==SUPPRESS==)."""
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "--max-steps" in out and "(default: 4000)" in out and "SUPPRESS" not in out
+
+
 def test_config_overrides_merge_into_the_recipes_overrides():
     """`--config_overrides dropout=0.3` on the demo changes its dropout and keeps its sizes and initialisation (before:
     the user's string replaced the recipe's, and the demo trained a 512-wide model with N(0, 0.02))."""
