@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import os
 
+# Before anything imports huggingface_hub, which reads HF_HUB_OFFLINE once, at import: set after it (as before), the
+# variable reached only subprocesses, and loading by repo id from a Hub cache asked huggingface.co for an
+# adapter_config.json with 5 retries (23 s without a network; a request to the Hub with one).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach the Hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 import pytest
 import torch
 
 from hf_vanilla_transformer import VanillaTransformerConfig, VanillaTransformerForConditionalGeneration
 from hf_vanilla_transformer.modeling_vanilla_transformer import CACHE_FIELD
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may reach the Hub
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 VOCAB, D_MODEL, HEADS, FFN, SRC_LEN, TGT_LEN, BATCH = 37, 12, 3, 20, 7, 5, 2
 PAD, BOS, EOS = 0, 1, 2
@@ -78,3 +81,15 @@ def decode_step_by_step(model, input_ids, attention_mask, decoder_input_ids):
 @pytest.fixture
 def model() -> VanillaTransformerForConditionalGeneration:
     return tiny_model()
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+    """An uninterrupted 20-step `train.py` run (test_train.TINY_RUN, --do_train) that checkpoints every 10 steps, made
+    once for the session: test_reliability.py (same seed, SIGKILL and resume) and test_train.py (resume from the last
+    checkpoint) compare their runs with it. Tests only read it (copy a checkpoint out, load the weights)."""
+    from test_train import TINY_RUN, run_train
+
+    out = tmp_path_factory.mktemp("reference") / "run"
+    run_train([*TINY_RUN, "--max_steps", "20", "--do_train", "--output_dir", str(out)])
+    return out

@@ -76,22 +76,33 @@ def test_a_budget_that_is_not_positive_is_refused(minutes):
         TrainingTimeBudget(minutes)
 
 
-def _vote(rank: int, port: int, votes: list[bool], results) -> None:
+# ------------------------------------------------------------------------------------------ two real gloo processes
+#
+# The three two-process scenarios of this file (the votes, a signal to one process, a budget over two clocks) run one
+# after the other in one pair of spawned processes with one process group: starting the pair (two fresh interpreters
+# importing torch and transformers) took most of each scenario's time. Each scenario reports per rank; the tests below
+# check each scenario's reports as its own test did when it spawned its own pair.
+
+VOTES = [[False, True], [False, False]]
+
+
+def _two_processes(rank: int, port: int, results) -> None:
     import os
 
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=len(votes))
-    results.put((rank, callbacks.any_process(votes[rank])))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    for votes in VOTES:
+        results.put((("votes", tuple(votes)), rank, callbacks.any_process(votes[rank])))
+    results.put(("signal", rank, _train_two_processes(rank)))
+    results.put(("budget", rank, _budget_two_processes(rank)))
     dist.destroy_process_group()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("votes", [[False, True], [False, False]])
-def test_any_process_agrees_across_two_processes(votes):
-    """One process's stop request reaches every process (the vote of rank 1 alone stops rank 0 too); no request, no
-    stop. Without a process group it is the process's own flag."""
+@pytest.fixture(scope="module")
+def two_gloo_processes() -> dict:
+    """{(scenario, rank): what that rank reported}, from one `mp.spawn` of `_two_processes`."""
     import socket
 
     import torch.multiprocessing as mp
@@ -100,8 +111,17 @@ def test_any_process_agrees_across_two_processes(votes):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     results = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_vote, args=(port, votes, results), nprocs=2, join=True)
-    outcomes = dict(results.get() for _ in votes)
+    mp.spawn(_two_processes, args=(port, results), nprocs=2, join=True)
+    reports = [results.get() for _ in range(2 * (len(VOTES) + 2))]
+    return {(scenario, rank): report for scenario, rank, report in reports}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("votes", VOTES)
+def test_any_process_agrees_across_two_processes(votes, two_gloo_processes):
+    """One process's stop request reaches every process (the vote of rank 1 alone stops rank 0 too); no request, no
+    stop. Without a process group it is the process's own flag."""
+    outcomes = {rank: two_gloo_processes[("votes", tuple(votes)), rank] for rank in (0, 1)}
     assert outcomes == {0: any(votes), 1: any(votes)}
     assert callbacks.any_process(True) is True and callbacks.any_process(False) is False
 
@@ -220,15 +240,11 @@ def test_one_process_checks_its_flag_at_every_step_with_no_collective(clock, mon
     assert stopped_at == 7 and stopper.stopped_by == "SIGTERM" and calls == []
 
 
-def _train_two_processes(rank: int, port: int, results) -> None:
+def _train_two_processes(rank: int) -> tuple:
     """Rank 1 gets a signal at step 33; rank 0 steps in 0.05 s, rank 1 in 0.1 s (fake clocks). Each process reports
-    the step it stopped at, its all-reduces and its K."""
-    import os
-
+    the step it stopped at, its all-reduces and its K (in `_two_processes`, whose process group this uses)."""
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
     clock = Clock()
     callbacks.time.perf_counter = clock
     calls = [0]
@@ -239,30 +255,23 @@ def _train_two_processes(rank: int, port: int, results) -> None:
         return all_reduce(*args, **kwargs)
 
     dist.all_reduce = counted
-    stopper = callbacks.SaveOnSignal()
+    try:
+        stopper = callbacks.SaveOnSignal()
 
-    def signal_rank_1(step):
-        if rank == 1 and step == 33:
-            stopper.received = signal.SIGTERM
+        def signal_rank_1(step):
+            if rank == 1 and step == 33:
+                stopper.received = signal.SIGTERM
 
-    stopped_at, _ = _train(stopper, clock, steps=300, seconds_per_step=0.05 * (rank + 1), at_step=signal_rank_1)
+        stopped_at, _ = _train(stopper, clock, steps=300, seconds_per_step=0.05 * (rank + 1), at_step=signal_rank_1)
+    finally:  # count this scenario's all-reduces only
+        dist.all_reduce = all_reduce
     every = stopper.agreement.every if hasattr(stopper, "agreement") else None
-    results.put((rank, stopped_at, calls[0], every, stopper.stopped_by))
-    dist.destroy_process_group()
+    return stopped_at, calls[0], every, stopper.stopped_by
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_stop_after_the_same_step_with_few_all_reduces():
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    results = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_train_two_processes, args=(port, results), nprocs=2, join=True)
-    outcome = {rank: rest for rank, *rest in (results.get() for _ in range(2))}
+def test_two_gloo_processes_stop_after_the_same_step_with_few_all_reduces(two_gloo_processes):
+    outcome = {rank: two_gloo_processes["signal", rank] for rank in (0, 1)}
     (step0, calls0, every0, by0), (step1, calls1, every1, by1) = outcome[0], outcome[1]
     assert calls0 == calls1 <= 2 + step0 // 10, outcome  # before: one all-reduce per step
     assert step0 == step1 and 33 <= step0 <= 33 + every0, outcome  # the same step, at most K after the signal
@@ -391,37 +400,21 @@ def test_decay_over_a_budget_needs_the_budget():
         TrainingTimeBudget(decay_over_budget=True)
 
 
-def _budget_two_processes(rank: int, port: int, results) -> None:
-    """A 1-minute budget with a linear schedule over it; rank 0 steps in 0.05 s, rank 1 in 0.1 s (fake clocks)."""
-    import os
-
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _budget_two_processes(rank: int) -> tuple:
+    """A 1-minute budget with a linear schedule over it; rank 0 steps in 0.05 s, rank 1 in 0.1 s (fake clocks), in
+    `_two_processes`, whose process group this uses."""
     clock = Clock()
     callbacks.time.perf_counter = clock
     budget = TrainingTimeBudget(max_minutes=1.0, decay_over_budget=True)
     rates, stopped_at, _ = _scheduled_run(clock, budget, steps=5000, seconds_per_step=0.05 * (rank + 1))
-    results.put((rank, stopped_at, rates))
-    dist.destroy_process_group()
+    return stopped_at, rates
 
 
 @pytest.mark.slow
-def test_two_processes_with_different_clocks_use_the_same_learning_rates_and_stop_together():
+def test_two_processes_with_different_clocks_use_the_same_learning_rates_and_stop_together(two_gloo_processes):
     """Each process's own clock would give each its own learning rate (and different weights under DDP): they agree
     on the slower clock, so both follow it: 600 steps of 0.1 s, not 1,200 of 0.05 s."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    results = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_budget_two_processes, args=(port, results), nprocs=2, join=True)
-    outcome = {rank: rest for rank, *rest in (results.get() for _ in range(2))}
-    (stop0, rates0), (stop1, rates1) = outcome[0], outcome[1]
+    (stop0, rates0), (stop1, rates1) = two_gloo_processes["budget", 0], two_gloo_processes["budget", 1]
     assert stop0 == stop1 and 600 <= stop0 <= 640, (stop0, stop1)
     assert rates0 == rates1
     assert rates0[-1] < 0.05 * 1e-3 < 0.9 * 1e-3 < rates0[len(rates0) // 10]

@@ -106,14 +106,7 @@ def test_fuzz_generate_never_crashes_and_respects_lengths(batch, src_len, beams,
 
 
 # ----------------------------------------------------------------------------------------------- training runs
-
-
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory) -> Path:
-    """An uninterrupted 20-step run that checkpoints every 10 steps."""
-    out = tmp_path_factory.mktemp("reference") / "run"
-    run_train([*TINY_RUN, "--max_steps", "20", "--do_train", "--output_dir", str(out)])
-    return out
+# `reference_run` (conftest.py, shared with test_train.py): an uninterrupted 20-step run, checkpoints every 10 steps.
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
