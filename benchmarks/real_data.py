@@ -42,7 +42,7 @@ SYSTEMS = ("ours", "previous", "marian")
 PREVIOUS_RECIPE = [
     "--vocab_size", "8000", "--max_tokens", "1400", "--warmup_steps", "500", "--learning_rate", "1e-3",
     "--lr_scheduler_type", "inverse_sqrt", "--save_steps", "300", "--checkpoint_average", "3",
-    "--save_total_limit", "3", "--max_grad_norm", "1.0", "--label_smoothing_factor", "0.1",
+    "--save_total_limit", "3", "--max_grad_norm", "1.0", "--label_smoothing_factor", "0.1", "--bf16", "false",
     "--config_overrides", "d_model=256,encoder_layers=3,decoder_layers=3,encoder_ffn_dim=1024,decoder_ffn_dim=1024,"
     "encoder_attention_heads=4,decoder_attention_heads=4,dropout=0.1,attention_dropout=0.0,activation_dropout=0.0",
 ]  # fmt: skip

@@ -174,6 +174,7 @@ def test_the_previous_recipe_flags_reproduce_the_small_recipe_before_issue_27():
     values = {**vars(model_args), **vars(data_args), **vars(args)}
     assert {key: values[key] for key in before} == before
     assert args.lr_scheduler_type == "inverse_sqrt" and model_args.checkpoint_average == 3
+    assert not args.bf16 and args.mixed_precision == "no"  # fp32, on any CPU
     sizes = train._parse_overrides(model_args.config_overrides)
     assert (sizes["d_model"], sizes["encoder_layers"], sizes["encoder_ffn_dim"], sizes["dropout"]) == (
         256,

@@ -65,6 +65,26 @@ def test_demo_recipe_applies_only_without_data_and_only_to_unset_flags():
     assert model_args.config_name == "base"
 
 
+def test_small_recipe_trains_in_bf16_on_a_cpu_that_computes_bf16_unless_a_precision_is_chosen(monkeypatch):
+    """bf16 autocast where the CPU has bf16 arithmetic (AVX512-BF16 or AMX), fp32 elsewhere; the user's --bf16 /
+    --fp16 or accelerate's ACCELERATE_MIXED_PRECISION wins; only the small recipe, only on CPU."""
+    small = ["--train_file", "x.jsonl", "--config_name", "small", "--use_cpu", "true"]
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    for has_bf16 in (True, False):
+        monkeypatch.setattr(train, "_cpu_computes_bf16", lambda: has_bf16)
+        args = train.parse_args(small)[2]
+        assert args.bf16 is has_bf16 and args.mixed_precision == ("bf16" if has_bf16 else "no")
+    monkeypatch.setattr(train, "_cpu_computes_bf16", lambda: True)
+    assert not train.parse_args([*small, "--bf16", "false"])[2].bf16
+    assert not train.parse_args(["--train_file", "x.jsonl", "--config_name", "base", "--use_cpu", "true"])[2].bf16
+    assert not train.parse_args([*small[:-2], "--use_cpu", "false"])[2].bf16
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert train.parse_args(small)[2].mixed_precision == "no"
+    # The real check answers without raising, whatever this machine is.
+    monkeypatch.undo()
+    assert train._cpu_computes_bf16() in (True, False)
+
+
 def test_small_recipe_applies_to_small_presets_on_real_data_and_only_to_unset_flags():
     model_args, data_args, args = train.parse_args(["--train_file", "x.jsonl", "--config_name", "small"])
     assert args.learning_rate == train.SMALL_RECIPE["learning_rate"] and model_args.vocab_size == 8000
