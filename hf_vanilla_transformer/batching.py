@@ -2,9 +2,11 @@
 batch contained a set of sentence pairs containing approximately 25000 source tokens and 25000 target tokens."
 
 `Seq2SeqTrainer` only batches by a fixed number of sentences (``group_by_length`` sorts, but keeps the count fixed),
-so the sampler is written here, as fairseq's ``--max-tokens`` batching is.
+so the sampler is written here, as fairseq's ``--max-tokens`` batching is. The trainer that uses it also keeps the
+model's generation config as the model had it through evaluation (`TokenBatchSeq2SeqTrainer.prediction_step`).
 """
 
+import copy
 import logging
 from collections.abc import Iterator, Sequence
 from functools import partial
@@ -182,6 +184,17 @@ class TokenBatchSeq2SeqTrainer(Seq2SeqTrainer):
         prepared = self.accelerator.prepare(loader)
         _forward_set_epoch(prepared, sampler)
         return prepared
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None, **gen_kwargs):
+        # transformers 5's Seq2SeqTrainer.prediction_step writes every GenerationConfig default (max_length 20,
+        # top_k 50, ...) into the model's own generation config, to size the padding of its predictions. The model
+        # would then save them as its settings, and each later generate() that sets max_new_tokens (as the §6.1
+        # length rule does) would warn that max_length was set too. The config is put back after each step.
+        kept = copy.deepcopy(self.model.generation_config)
+        try:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys, **gen_kwargs)
+        finally:
+            self.model.generation_config = kept
 
 
 def _forward_set_epoch(loader: DataLoader, sampler: TokenBatchSampler) -> None:

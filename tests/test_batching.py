@@ -1,5 +1,6 @@
 """Token-based batching (§5.1): budget, coverage, determinism, data-parallel shares, and the Trainer integration."""
 
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate.data_loader import BatchSamplerShard
+from conftest import tiny_model
 from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainingArguments
 
 from hf_vanilla_transformer.batching import TokenBatchSampler, TokenBatchSeq2SeqTrainer, example_lengths
@@ -197,3 +199,25 @@ def test_max_tokens_is_the_budget_of_one_update_shared_by_accumulation_steps(tmp
         assert len(batch) * lengths[batch].max() <= 250 or len(batch) == 1
     with pytest.raises(ValueError, match=r"max_tokens=3 .* 1 processes x 4 accumulation"):
         trainer(3, 4)
+
+
+def test_evaluation_leaves_the_models_generation_config_as_it_was(tmp_path):
+    """Seq2SeqTrainer's prediction step writes GenerationConfig's defaults (max_length 20, ...) into the model's own
+    config; the trainer puts it back, so the saved model keeps only its settings and later calls with
+    max_new_tokens do not warn that max_length was set too."""
+    model = tiny_model()
+    before = model.generation_config.to_dict()
+    assert before.get("max_length") is None
+    ds = id_dataset(20).map(lambda row: {"input_ids": [i % 50 + 3 for i in row["input_ids"]]})
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", predict_with_generate=True,
+        per_device_eval_batch_size=8, generation_num_beams=1,
+    )  # fmt: skip
+    collator = DataCollatorForSeq2Seq(train_tokenizer(["a b"], vocab_size=300), model=model)
+    trainer = TokenBatchSeq2SeqTrainer(model=model, args=args, eval_dataset=ds, data_collator=collator, max_tokens=256)
+    predictions = trainer.predict(ds).predictions
+    assert predictions.shape[0] == len(ds)
+    assert model.generation_config.to_dict() == before
+    trainer.save_model(str(tmp_path / "saved"))
+    saved = json.loads((tmp_path / "saved" / "generation_config.json").read_text())
+    assert "max_length" not in saved and "top_k" not in saved
