@@ -293,7 +293,8 @@ def plot_curves(results: dict[str, list[dict]], path: Path, title: str) -> None:
             ax.plot(*final, "*", color=color, markersize=12, label=label)
     ax.set_xlabel("training minutes (2 CPU cores)")
     ax.set_ylabel("validation BLEU")
-    ax.set_title(title + (f", {len(next(iter(results.values())))} seeds" if results else ""))
+    seeds = len(next(iter(results.values()))) if results else 0
+    ax.set_title(title + (f", {seeds} seed{'s' if seeds > 1 else ''}" if seeds else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
