@@ -71,7 +71,7 @@ def test_small_recipe_trains_in_bf16_on_a_cpu_that_computes_bf16_unless_a_precis
     small = ["--train_file", "x.jsonl", "--config_name", "small", "--use_cpu", "true"]
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     for has_bf16 in (True, False):
-        monkeypatch.setattr(train, "_cpu_computes_bf16", lambda: has_bf16)
+        monkeypatch.setattr(train, "_cpu_computes_bf16", lambda has_bf16=has_bf16: has_bf16)
         args = train.parse_args(small)[2]
         assert args.bf16 is has_bf16 and args.mixed_precision == ("bf16" if has_bf16 else "no")
     monkeypatch.setattr(train, "_cpu_computes_bf16", lambda: True)
