@@ -2,7 +2,9 @@
 
     python benchmarks/real_data.py TRAIN VAL --source_lang en --target_lang fr --minutes 30
 
-Trains, one after the other and each in a fresh process on this machine, once per ``--seeds`` seed:
+Trains, each in a fresh process on this machine, once per ``--seeds`` seed, one after the other with all the threads
+or, with ``--side_by_side``, a seed's systems at the same time with the cores split between them (``--report_only``
+then, or later, puts runs made by separate invocations into one report):
 
 - ``ours``: ``train.py`` with its defaults for the size (``--config_name small`` unless ``--size``), a tokenizer it
   trains itself, stopped by ``--max_train_minutes``;
@@ -75,6 +77,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--work_dir", default="outputs/real_data", help="Where the runs write their models.")
     parser.add_argument("--name", default=None, help="Results file name (default: date, size and minutes).")
     parser.add_argument("--results_dir", default=str(RESULTS), help="Where the JSON and the PNG go.")
+    parser.add_argument(
+        "--side_by_side",
+        action="store_true",
+        help="Train one seed's systems at the same time, the CPU cores split evenly between them: each run gets "
+        "fewer threads, but all of a seed's runs share the same machine conditions (and the seeds take less time).",
+    )
+    parser.add_argument(
+        "--report_only",
+        action="store_true",
+        help="Train nothing: report the runs of --systems and --seeds already in --work_dir (made by earlier "
+        "invocations, e.g. one seed per session or one system per terminal).",
+    )
     parser.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for path in (args.train_file, args.validation_file):
@@ -266,6 +280,7 @@ def child(args: argparse.Namespace) -> None:
         "evaluation_seconds": seconds,
         "wall_seconds": round(time.perf_counter() - started),
         "torch_threads": torch.get_num_threads(),
+        "minutes": args.minutes,
         **{k: v for k, v in run.items() if k in ("command", "recipe")},
     }
     (Path(args.work_dir) / f"{args.child}-seed{args.seed}.json").write_text(json.dumps(result, indent=1))
@@ -291,7 +306,8 @@ def plot_curves(results: dict[str, list[dict]], path: Path, title: str) -> None:
             final = ([result["training_minutes"]], [result["beam4"]["bleu"]])
             label = f"{name}, final model, beam 4" if i == 0 else None
             ax.plot(*final, "*", color=color, markersize=12, label=label)
-    ax.set_xlabel("training minutes (2 CPU cores)")
+    threads = sorted({run["torch_threads"] for runs in results.values() for run in runs})
+    ax.set_xlabel(f"training minutes ({' or '.join(map(str, threads))} CPU thread(s) per run)")
     ax.set_ylabel("validation BLEU")
     seeds = len(next(iter(results.values()))) if results else 0
     ax.set_title(title + (f", {seeds} seed{'s' if seeds > 1 else ''}" if seeds else ""))
@@ -340,6 +356,40 @@ def table(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def train_systems(args: argparse.Namespace, forwarded: list[str], seed: int) -> None:
+    """One run per system for this seed, each in a fresh process: one after the other with all the threads, or (with
+    --side_by_side) all at once with the cores split between them. Never two timed runs competing unevenly."""
+    groups = [list(args.systems)] if args.side_by_side else [[system] for system in args.systems]
+    env = dict(os.environ)
+    if args.side_by_side:
+        threads = str(max(1, (os.cpu_count() or 1) // len(args.systems)))
+        env |= {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    for group in groups:
+        children = {
+            system: subprocess.Popen(
+                [sys.executable, __file__, *forwarded, "--child", system, "--seed", str(seed)], cwd=REPO, env=env
+            )
+            for system in group
+        }
+        failed = {system: child.wait() for system, child in children.items()}
+        failed = {system: code for system, code in failed.items() if code}
+        if failed:
+            raise RuntimeError(f"seed {seed}: these runs failed (exit codes) {failed}; see their output above")
+
+
+def read_run(args: argparse.Namespace, system: str, seed: int) -> dict:
+    """A finished run's results, checked to belong to this comparison (--minutes)."""
+    path = Path(args.work_dir) / f"{system}-seed{seed}.json"
+    if not path.is_file():
+        raise ValueError(
+            f"{path}: no results for {system} with seed {seed}; run it first (the same command without --report_only)"
+        )
+    run = json.loads(path.read_text())
+    if run.get("minutes", args.minutes) != args.minutes:
+        raise ValueError(f"{path}: trained for --minutes {run['minutes']}, not the {args.minutes} of this report")
+    return run
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.child:
@@ -347,12 +397,10 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
-    results: dict[str, list[dict]] = {system: [] for system in args.systems}
-    for seed in args.seeds:
-        for system in args.systems:  # one after the other, never two timed runs at once
-            child_args = [*forwarded, "--child", system, "--seed", str(seed)]
-            subprocess.run([sys.executable, __file__, *child_args], check=True, cwd=REPO)
-            results[system].append(json.loads((Path(args.work_dir) / f"{system}-seed{seed}.json").read_text()))
+    if not args.report_only:
+        for seed in args.seeds:
+            train_systems(args, forwarded, seed)
+    results = {system: [read_run(args, system, seed) for seed in args.seeds] for system in args.systems}
     import torch
     import transformers
 
@@ -370,6 +418,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ours_args": args.ours_args,
         "previous_recipe": PREVIOUS_RECIPE,
         "seeds": args.seeds,
+        "threads_per_run": sorted({run["torch_threads"] for runs in results.values() for run in runs}),
         "summary": {system: summary(runs) for system, runs in results.items()},
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__},
         "results": results,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -122,22 +123,63 @@ def test_real_data_benchmark_runs_both_systems_and_reports_them(tmp_path):
         "--eval_minutes", "0.02", "--work_dir", str(tmp_path / "work"), "--name", name,
         "--results_dir", str(tmp_path / "results"),
         "--ours_args", "--vocab_size 300 --max_tokens 400 --warmup_steps 5 --save_steps 5",
-        "--systems", "ours", "marian", "--seeds", "7",
+        "--systems", "ours", "marian", "--seeds", "7", "--side_by_side",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((tmp_path / "results" / f"{name}.json").read_text())
     assert (tmp_path / "results" / f"{name}.png").stat().st_size > 0
     assert set(report["results"]) == {"ours", "marian"} and report["seeds"] == [7]
+    threads = max(1, os.cpu_count() // 2)  # side by side: the cores split between the two runs
+    assert report["threads_per_run"] == [threads]
     for runs in report["results"].values():
         (system,) = runs
-        assert system["seed"] == 7 and system["steps"] > 0
+        assert system["seed"] == 7 and system["steps"] > 0 and system["torch_threads"] == threads
         # the budget stops training within the step under way (a loaded machine makes steps of seconds)
         assert 0.05 <= system["training_minutes"] <= 0.05 + 2 * system["training_minutes"] / system["steps"]
         assert system["source_tokens_per_second"] > 0
         for decoding in ("greedy", "beam4"):
             assert 0 <= system[decoding]["bleu"] <= 100 and system[decoding]["length_ratio"] > 0
     assert "| ours |" in result.stdout and "| marian |" in result.stdout
+
+
+def test_real_data_report_only_joins_runs_made_apart_and_refuses_missing_or_other_budgets(tmp_path):
+    """Runs made by separate invocations (a seed per session, a system per terminal) make one report with
+    --report_only, which trains nothing; a run that is missing, or trained for another --minutes, is named."""
+    from benchmarks import real_data
+
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("train.jsonl", "val.jsonl"):
+        (tmp_path / name).write_text(json.dumps({"translation": {"en": "a", "fr": "b"}}) + "\n")
+
+    def write_run(system, seed, beam, minutes=30.0):
+        run = {
+            "system": system, "seed": seed, "minutes": minutes, "training_minutes": minutes, "steps": 1000,
+            "source_tokens_per_second": 2000, "torch_threads": 1, "curve": [{"minutes": 10.0, "bleu": beam - 5}],
+            "greedy": {"bleu": beam - 1, "length_ratio": 1.0}, "beam4": {"bleu": beam, "length_ratio": 0.97},
+        }  # fmt: skip
+        (work / f"{system}-seed{seed}.json").write_text(json.dumps(run))
+
+    for seed, ours, marian in ((42, 56.0, 51.0), (43, 55.0, 50.0)):
+        write_run("ours", seed, ours)
+        write_run("marian", seed, marian)
+    argv = [
+        str(tmp_path / "train.jsonl"), str(tmp_path / "val.jsonl"), "--source_lang", "en", "--target_lang", "fr",
+        "--systems", "ours", "marian", "--seeds", "42", "43", "--work_dir", str(work),
+        "--results_dir", str(tmp_path / "results"), "--name", "joined", "--report_only",
+    ]  # fmt: skip
+    report = real_data.main(argv)
+    assert report["summary"]["ours"]["beam4"] == {"bleu": 55.5, "length_ratio": 0.97, "per_seed": [56.0, 55.0]}
+    assert report["summary"]["marian"]["beam4"]["per_seed"] == [51.0, 50.0] and report["threads_per_run"] == [1]
+    assert json.loads((tmp_path / "results" / "joined.json").read_text())["seeds"] == [42, 43]
+    assert (tmp_path / "results" / "joined.png").stat().st_size > 0
+
+    with pytest.raises(ValueError, match=r"ours-seed44\.json: no results for ours with seed 44"):
+        real_data.main([*argv, "--seeds", "44"])
+    write_run("ours", 43, 57.0, minutes=60.0)
+    with pytest.raises(ValueError, match=r"ours-seed43\.json: trained for --minutes 60.0, not the 30.0"):
+        real_data.main(argv)
 
 
 def test_the_real_data_table_gives_the_mean_over_seeds_and_each_seed():
