@@ -289,7 +289,9 @@ def test_a_time_budget_stops_training_with_a_checkpoint_decays_over_it_and_shows
     rates = [entry["learning_rate"] for entry in logs]  # logs[i] is step i + 1
     left = [(0.4 - m) / (0.4 - minutes[1]) for m in minutes]
     assert rates[:3] == pytest.approx([0.0, 0.5e-3, 1e-3])
-    assert rates[3:] == pytest.approx([1e-3 * f for f in left[1:-2]], rel=0.02)
+    # abs: training_minutes is logged to 1e-4 minutes, which near the end of the budget (the last rates are ~0.4% of the
+    # peak on a fast machine) is a few percent of what is left; 0.1% of the peak still tells decay from none.
+    assert rates[3:] == pytest.approx([1e-3 * f for f in left[1:-2]], rel=0.02, abs=1e-6)
     assert rates[-1] < rates[2]
     assert "training min" in result.stderr and "source tok/s" in result.stderr
     assert f"/{train.UNTIL_TIME_IS_UP}" not in result.stderr.replace(",", "")
