@@ -94,6 +94,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for path in (args.train_file, args.validation_file):
         if not os.path.isfile(path):
             raise ValueError(f"{path}: no such file")
+    cores = os.cpu_count() or 1
+    if args.side_by_side and not args.report_only and len(args.systems) > cores:
+        raise ValueError(
+            f"--side_by_side with {len(args.systems)} systems needs {len(args.systems)} cores and this machine has "
+            f"{cores}: the runs would not share it evenly; give fewer --systems"
+        )
     if not args.minutes > 0 or not args.eval_minutes > 0:
         raise ValueError(f"--minutes ({args.minutes}) and --eval_minutes ({args.eval_minutes}) must be positive")
     return args

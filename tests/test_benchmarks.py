@@ -143,9 +143,10 @@ def test_real_data_benchmark_runs_both_systems_and_reports_them(tmp_path):
     assert "| ours |" in result.stdout and "| marian |" in result.stdout
 
 
-def test_real_data_report_only_joins_runs_made_apart_and_refuses_missing_or_other_budgets(tmp_path):
+def test_real_data_report_only_joins_runs_made_apart_and_refuses_missing_or_other_budgets(tmp_path, monkeypatch):
     """Runs made by separate invocations (a seed per session, a system per terminal) make one report with
-    --report_only, which trains nothing; a run that is missing, or trained for another --minutes, is named."""
+    --report_only, which trains nothing; a run that is missing, or trained for another --minutes, is named. Side by
+    side, more systems than cores are refused before anything trains."""
     from benchmarks import real_data
 
     work = tmp_path / "work"
@@ -177,6 +178,10 @@ def test_real_data_report_only_joins_runs_made_apart_and_refuses_missing_or_othe
 
     with pytest.raises(ValueError, match=r"ours-seed44\.json: no results for ours with seed 44"):
         real_data.main([*argv, "--seeds", "44"])
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    three_at_once = [*argv[:-1], "--systems", "ours", "previous", "marian", "--side_by_side"]
+    with pytest.raises(ValueError, match="--side_by_side with 3 systems needs 3 cores and this machine has 2"):
+        real_data.main(three_at_once)
     write_run("ours", 43, 57.0, minutes=60.0)
     with pytest.raises(ValueError, match=r"ours-seed43\.json: trained for --minutes 60.0, not the 30.0"):
         real_data.main(argv)
