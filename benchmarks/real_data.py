@@ -295,6 +295,11 @@ def child(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------- report
 
 
+def threads_per_run(results: dict[str, list[dict]]) -> list[int]:
+    """The torch threads the runs trained with (one value unless runs made apart are joined)."""
+    return sorted({run["torch_threads"] for runs in results.values() for run in runs})
+
+
 def plot_curves(results: dict[str, list[dict]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -312,8 +317,7 @@ def plot_curves(results: dict[str, list[dict]], path: Path, title: str) -> None:
             final = ([result["training_minutes"]], [result["beam4"]["bleu"]])
             label = f"{name}, final model, beam 4" if i == 0 else None
             ax.plot(*final, "*", color=color, markersize=12, label=label)
-    threads = sorted({run["torch_threads"] for runs in results.values() for run in runs})
-    ax.set_xlabel(f"training minutes ({' or '.join(map(str, threads))} CPU thread(s) per run)")
+    ax.set_xlabel(f"training minutes ({' or '.join(map(str, threads_per_run(results)))} CPU thread(s) per run)")
     ax.set_ylabel("validation BLEU")
     seeds = len(next(iter(results.values()))) if results else 0
     ax.set_title(title + (f", {seeds} seed{'s' if seeds > 1 else ''}" if seeds else ""))
@@ -377,8 +381,8 @@ def train_systems(args: argparse.Namespace, forwarded: list[str], seed: int) -> 
             )
             for system in group
         }
-        failed = {system: child.wait() for system, child in children.items()}
-        failed = {system: code for system, code in failed.items() if code}
+        codes = {system: child.wait() for system, child in children.items()}
+        failed = {system: code for system, code in codes.items() if code}
         if failed:
             raise RuntimeError(f"seed {seed}: these runs failed (exit codes) {failed}; see their output above")
 
@@ -391,7 +395,7 @@ def read_run(args: argparse.Namespace, system: str, seed: int) -> dict:
             f"{path}: no results for {system} with seed {seed}; run it first (the same command without --report_only)"
         )
     run = json.loads(path.read_text())
-    if run.get("minutes", args.minutes) != args.minutes:
+    if run.get("minutes", args.minutes) != args.minutes:  # runs made before the field was recorded pass unchecked
         raise ValueError(f"{path}: trained for --minutes {run['minutes']}, not the {args.minutes} of this report")
     return run
 
@@ -424,7 +428,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ours_args": args.ours_args,
         "previous_recipe": PREVIOUS_RECIPE,
         "seeds": args.seeds,
-        "threads_per_run": sorted({run["torch_threads"] for runs in results.values() for run in runs}),
+        "threads_per_run": threads_per_run(results),
         "summary": {system: summary(runs) for system, runs in results.items()},
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__},
         "results": results,
