@@ -231,6 +231,44 @@ def test_the_previous_recipe_flags_reproduce_the_small_recipe_before_issue_27():
     )
 
 
+def test_final_model_choices_average_the_last_checkpoints_and_translate_as_a_loaded_checkpoint(reference_run, tmp_path):
+    """Window k is the mean of the last k checkpoints (read here from their safetensors files, apart from the
+    script's reader); window 1 translates exactly as the last checkpoint loaded by from_pretrained; a window the run
+    does not have is refused, not silently averaged over fewer."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from benchmarks import final_model_choices
+    from benchmarks.real_data import score, translate
+    from hf_vanilla_transformer.cpu_inference import optimize_for_cpu_inference
+
+    last, before = sorted(reference_run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-2:][::-1]
+    pairs = [("a small dog runs", "ein kleiner Hund rennt"), ("two men at work", "zwei Maenner bei der Arbeit")] * 3
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"translation": {"en": en, "de": de}}) + "\n" for en, de in pairs))
+
+    averaged = final_model_choices.averaged_model(reference_run, 2).state_dict()
+    a, b = load_file(before / "model.safetensors"), load_file(last / "model.safetensors")
+    embedding = "model.encoder.embed_tokens.weight"
+    assert a.keys() == b.keys() and not torch.equal(a[embedding], b[embedding])
+    for name in a:
+        torch.testing.assert_close(averaged[name], (a[name].double() + b[name].double()).div(2).float())
+    rows = final_model_choices.main(
+        [str(val), str(reference_run), "--source_lang", "en", "--target_lang", "de", "--windows", "1", "2",
+         "--beams", "1", "2", "--json", str(tmp_path / "choices.json")]
+    )  # fmt: skip
+    assert [(r["window"], r["beams"]) for r in rows] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    tokenizer = AutoTokenizer.from_pretrained(reference_run)
+    checkpoint = optimize_for_cpu_inference(AutoModelForSeq2SeqLM.from_pretrained(last).eval())  # the same kernels
+    sources, references = [en for en, _ in pairs], [de for _, de in pairs]
+    window_1 = translate(final_model_choices.averaged_model(reference_run, 1), tokenizer, sources, num_beams=2)
+    assert window_1 == translate(checkpoint, tokenizer, sources, num_beams=2)
+    assert {k: rows[1][k] for k in ("bleu", "length_ratio")} == score(window_1, references)
+    assert json.loads((tmp_path / "choices.json").read_text())["results"] == rows
+    with pytest.raises(ValueError, match=r"fewer than 9 checkpoints: cannot average the last 9"):
+        final_model_choices.averaged_model(reference_run, 9)
+
+
 @pytest.mark.slow
 def test_gpu_check_smoke_run_on_cpu_fills_every_section(tmp_path):
     """benchmarks/gpu.py --smoke runs every code path of the GPU check on CPU (tiny model, a few steps), so that it
