@@ -69,8 +69,8 @@ def measure(args: argparse.Namespace) -> list[dict]:
                 started = time.perf_counter()
                 hypotheses = translate(model, tokenizer, sources, num_beams=beams)
                 seconds = round(time.perf_counter() - started, 1)
-                rows.append({"run": str(run_dir), "window": window, "beams": beams, **score(hypotheses, references)})
-                rows[-1]["seconds"] = seconds
+                row = {"run": str(run_dir), "window": window, "beams": beams, **score(hypotheses, references)}
+                rows.append({**row, "seconds": seconds})
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -78,14 +78,13 @@ def measure(args: argparse.Namespace) -> list[dict]:
 def table(rows: list[dict]) -> str:
     """One line per (window, beams): the BLEU of each run and their mean."""
     runs = list(dict.fromkeys(r["run"] for r in rows))
+    bleu_of = {(r["run"], r["window"], r["beams"]): r["bleu"] for r in rows}
     lines = [
         f"| window | beams | {' | '.join(Path(r).name for r in runs)} | mean |",
         "|---" * (len(runs) + 3) + "|",
     ]
     for window, beams in dict.fromkeys((r["window"], r["beams"]) for r in rows):
-        bleu = [
-            next(r["bleu"] for r in rows if (r["run"], r["window"], r["beams"]) == (run, window, beams)) for run in runs
-        ]
+        bleu = [bleu_of[run, window, beams] for run in runs]
         lines.append(f"| {window} | {beams} | {' | '.join(f'{b:.2f}' for b in bleu)} | {sum(bleu) / len(bleu):.2f} |")
     return "\n".join(lines)
 

@@ -240,9 +240,10 @@ def test_final_model_choices_average_the_last_checkpoints_and_translate_as_a_loa
 
     from benchmarks import final_model_choices
     from benchmarks.real_data import score, translate
+    from hf_vanilla_transformer.checkpoints import checkpoint_folders
     from hf_vanilla_transformer.cpu_inference import optimize_for_cpu_inference
 
-    last, before = sorted(reference_run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-2:][::-1]
+    before, last = checkpoint_folders(reference_run, 2)
     pairs = [("a small dog runs", "ein kleiner Hund rennt"), ("two men at work", "zwei Maenner bei der Arbeit")] * 3
     val = tmp_path / "val.jsonl"
     val.write_text("".join(json.dumps({"translation": {"en": en, "de": de}}) + "\n" for en, de in pairs))
